@@ -1,0 +1,169 @@
+"""``fedmer synth``: write synthetic ME databases in their native layouts.
+
+Every random draw comes from a seed derived from (seed, site, subject, clip),
+so the same arguments give byte-identical files whatever the worker count.
+A site is written into a hidden temporary folder and renamed into place only
+when complete, so an interrupted run never leaves a half-written database.
+"""
+
+from __future__ import annotations
+
+import json
+import multiprocessing
+import os
+import shutil
+from dataclasses import asdict
+from functools import lru_cache
+from pathlib import Path
+
+import cv2
+import numpy as np
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from ..errors import DataError
+from .clips import build_motion, neutral_image, plan_clip, render_frames
+from .databases import SPECS, SynthSpec
+from .face import Identity, landmarks_unit, place_landmarks, random_identity, render_face
+from .ground_truth import ground_truth_name, save_ground_truth
+from .layouts import LAYOUTS, ClipRecord
+
+SYNTH_VERSION = 1
+SITE_ORDER = ("casme2", "samm", "smic", "casme3")  # fixed: a site's seed must not depend on which others are asked
+MANIFEST = "synth.json"
+MAX_IDENTITY_DRAWS = 50
+JPEG_QUALITY = 95
+
+
+def _rng(*keys: int) -> np.random.Generator:
+    return np.random.default_rng(np.random.SeedSequence(list(keys)))
+
+
+@lru_cache(maxsize=1)
+def _detector():
+    import dlib
+
+    return dlib.get_frontal_face_detector()
+
+
+def detectable(identity: Identity, spec: SynthSpec) -> bool:
+    """Whether dlib's HOG detector finds the identity's neutral face, as the real pipeline must."""
+    width = float(np.mean(spec.face_width))
+    height, frame_width = spec.frame_size
+    landmarks = place_landmarks(landmarks_unit(identity), width, (frame_width / 2, height / 2))
+    grey = cv2.cvtColor(render_face(identity, landmarks, spec.frame_size), cv2.COLOR_BGR2GRAY)
+    return len(_detector()(grey, 0)) > 0
+
+
+def subject_identity(seed: int, site: int, subject: int, spec: SynthSpec) -> tuple[Identity, float]:
+    """The subject's identity and face width: redrawn until the detector finds it (real databases only
+    publish clips whose faces can be processed), about 1 in 25 draws here."""
+    rng = _rng(seed, site, subject)
+    for _ in range(MAX_IDENTITY_DRAWS):
+        identity = random_identity(rng)
+        width = rng.uniform(*spec.face_width)
+        if detectable(identity, spec):
+            return identity, width
+    raise RuntimeError(f"no detectable identity in {MAX_IDENTITY_DRAWS} draws; the face renderer is broken")
+
+
+def write_clip(task: tuple[str, Path, int, int, int, int, Identity, float]) -> ClipRecord:
+    """Render one clip into its native folder with its ground truth; returns its sheet record."""
+    site_name, root, seed, site, subject, clip, identity, face_width = task
+    spec, layout = SPECS[site_name], LAYOUTS[site_name]
+    rng = _rng(seed, site, subject, clip + 1)
+    plan = plan_clip(spec, rng, face_width, layout.first_frame(rng, clip))
+    tl = plan.timeline
+    record = ClipRecord(
+        subject=subject,
+        clip=clip,
+        emotion=plan.emotion,
+        action_units=plan.action_units,
+        first=tl.first,
+        onset=tl.onset,
+        apex=tl.apex,
+        offset=tl.offset,
+        last=tl.last,
+        quirk=float(rng.random()),
+    )
+    neutral, landmarks = neutral_image(spec, identity, plan)
+    motion = build_motion(plan, landmarks, spec.frame_size)
+    folder = layout.clip_dir(root, record)
+    folder.mkdir(parents=True, exist_ok=True)
+    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if layout.extension == ".jpg" else []
+    for number, frame in zip(tl.frame_numbers, render_frames(spec, neutral, motion, plan), strict=True):
+        cv2.imwrite(str(folder / layout.frame_name(record, int(number))), frame, params)
+    save_ground_truth(folder / ground_truth_name(layout.ground_truth_onset(record)), motion)
+    return record
+
+
+def _settings(seed: int, subjects: int, clips_per_subject: int) -> dict:
+    return {"version": SYNTH_VERSION, "seed": seed, "subjects": subjects, "clips_per_subject": clips_per_subject}
+
+
+def synthesise(
+    out: Path,
+    seed: int = 0,
+    sites: list[str] | tuple[str, ...] = ("casme2", "samm", "smic"),
+    subjects: int = 8,
+    clips_per_subject: int = 6,
+    workers: int | None = None,
+    progress: bool = True,
+) -> dict[str, Path]:
+    """Write each requested site under ``out/<site>``; a site already written with the same settings is reused."""
+    unknown = [s for s in sites if s not in SPECS]
+    if unknown:
+        raise DataError(f"--sites: unknown database {', '.join(unknown)}; choose from {', '.join(SITE_ORDER)}")
+    if subjects < 1 or clips_per_subject < 1:
+        raise DataError("--subjects and --clips-per-subject must be at least 1")
+    settings = _settings(seed, subjects, clips_per_subject)
+    written = {}
+    for name in sites:
+        target = Path(out) / name
+        if not _reusable(target, settings):
+            _write_site(name, target, settings, workers or os.cpu_count() or 1, progress)
+        written[name] = target
+    return written
+
+
+def _reusable(target: Path, settings: dict) -> bool:
+    """True when ``target`` already holds this exact synthetic site; an error when it holds something else."""
+    if not target.exists():
+        return False
+    manifest = target / MANIFEST
+    if manifest.is_file() and json.loads(manifest.read_text())["settings"] == settings:
+        return True
+    raise DataError(
+        f"{target} already exists and was not written by fedmer synth with these settings "
+        f"({manifest.name} differs or is missing); remove it or pass another --out"
+    )
+
+
+def _write_site(name: str, target: Path, settings: dict, workers: int, progress: bool) -> None:
+    seed, count, clips = settings["seed"], settings["subjects"], settings["clips_per_subject"]
+    site = SITE_ORDER.index(name)
+    spec = SPECS[name]
+    partial = target.parent / f".{name}.partial"
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir(parents=True)
+    identities = [subject_identity(seed, site, s, spec) for s in range(count)]
+    tasks = [(name, partial, seed, site, s, c, *identities[s]) for s in range(count) for c in range(clips)]
+    with (
+        multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool,
+        Progress(
+            TextColumn(f"synth {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not progress
+        ) as bar,
+    ):
+        job = bar.add_task(name, total=len(tasks))
+        records = []
+        for record in pool.imap(write_clip, tasks):
+            records.append(record)
+            bar.advance(job)
+    LAYOUTS[name].write_sheet(partial, records)
+    manifest = {
+        "settings": settings,
+        "database": name,
+        "fps": spec.fps,
+        "clips": [asdict(r) | {"action_units": [list(a) for a in r.action_units]} for r in records],
+    }
+    (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
+    os.replace(partial, target)
