@@ -142,8 +142,7 @@ def neutral_image(spec: SynthSpec, identity: Identity, plan: ClipPlan) -> tuple[
 def render_frames(spec: SynthSpec, neutral: np.ndarray, motion: MotionModel, plan: ClipPlan) -> Iterator[np.ndarray]:
     """Yield the clip's frames (uint8) in order: warp, then illumination drift, then sensor noise."""
     rng = np.random.default_rng(plan.noise_seed)
-    height, width = spec.frame_size
-    ramp = np.linspace(-1.0, 1.0, width, dtype=np.float32)[None, :]
+    ramp = np.linspace(-1.0, 1.0, spec.frame_size[1], dtype=np.float32)[None, :]
     count = len(motion.frame_numbers)
     neutral_f = neutral.astype(np.float32)
     pullback = None

@@ -290,7 +290,7 @@ def _draw_features(canvas: np.ndarray, identity: Identity, pts: np.ndarray) -> N
         contour = np.round(pts[eye]).astype(np.int32)
         cv2.fillPoly(canvas, [contour], sclera, cv2.LINE_AA)
         centre = pts[eye].mean(axis=0)
-        radius = int(round((pts[eye][:, 1].max() - pts[eye][:, 1].min()) * 0.75))
+        radius = round((pts[eye][:, 1].max() - pts[eye][:, 1].min()) * 0.75)
         cv2.circle(canvas, (int(centre[0]), int(centre[1])), max(radius, 2), dark, -1, cv2.LINE_AA)
         cv2.polylines(canvas, [contour[:4]], False, dark, max(int(scale * 0.012), 2), cv2.LINE_AA)
     thickness = max(int(identity.brow_thickness * scale), 2)

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import ClassVar
 
 import numpy as np
 from openpyxl import Workbook
@@ -221,7 +222,7 @@ class SmicLayout(Layout):
     """``HS/s1/micro/negative/s1_ne_01/image000123.bmp``: labels are folder names, no sheet."""
 
     name, extension = "smic", ".bmp"
-    abbreviation = {"negative": "ne", "positive": "po", "surprise": "sur"}
+    abbreviation: ClassVar[dict[str, str]] = {"negative": "ne", "positive": "po", "surprise": "sur"}
 
     def first_frame(self, rng: np.random.Generator, clip: int) -> int:
         return int(rng.integers(1, 5000))
