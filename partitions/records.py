@@ -52,8 +52,8 @@ class Sample:
 
     @property
     def has_action_units(self) -> bool:
-        """Whether the database codes AUs at all (SMIC does not)."""
-        return self.database != "smic"
+        """Whether the database codes AUs at all (SMIC-HS, -VIS and -NIR do not)."""
+        return not self.database.startswith("smic")
 
 
 @dataclass(frozen=True)
