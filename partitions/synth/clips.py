@@ -91,7 +91,7 @@ def plan_clip(spec: SynthSpec, rng: np.random.Generator, face_width: float, firs
         timeline=timeline,
         face_width=face_width * rng.uniform(0.985, 1.015),
         face_centre=(width / 2 + rng.uniform(-4, 4), height / 2 + rng.uniform(-2, 6)),
-        au_intensity={au: peak * rng.uniform(0.85, 1.15) for au, _ in action_units},
+        au_intensity={au: peak * rng.uniform(0.9, 1.1) for au, _ in action_units},
         blink=blink,
         head_phase=np.stack([rng.uniform(0.2, 1.0, 3), rng.uniform(0, 2 * np.pi, 3)], axis=1),
         noise_sigma=rng.uniform(*spec.noise_sigma),

@@ -49,6 +49,7 @@ class Identity:
     mouth_width: float
     mouth_height: float
     lip_thickness: float
+    resting: np.ndarray  # (4,) resting-face offsets along AU directions: corner lift, inner-brow lift, knit, lip
     jitter: np.ndarray  # (68, 2) small asymmetric offsets
     skin_bgr: tuple[float, float, float]
     hair_level: float
@@ -81,6 +82,7 @@ def random_identity(rng: np.random.Generator) -> Identity:
         mouth_width=rng.uniform(0.17, 0.22),
         mouth_height=rng.uniform(0.72, 0.8),
         lip_thickness=rng.uniform(0.03, 0.05),
+        resting=rng.uniform([-0.035, -0.035, 0.0, -0.02], [0.035, 0.035, 0.025, 0.02]),
         jitter=rng.normal(0.0, 0.006, size=(N_LANDMARKS, 2)),
         skin_bgr=(skin * tint * 0.85, skin * tint * 0.95, min(skin * 1.1, 255.0)),
         hair_level=rng.uniform(10, 90),
@@ -140,7 +142,27 @@ def landmarks_unit(identity: Identity) -> np.ndarray:
 
     outer, inner = _mouth(idt.mouth_width, idt.mouth_height, idt.lip_thickness)
     points = np.concatenate([jaw, right_brow, left_brow, bridge, nostrils, right_eye, left_eye, outer, inner])
-    return points + identity.jitter
+    return points + _resting_face(identity.resting) + identity.jitter
+
+
+def _resting_face(resting: np.ndarray) -> np.ndarray:
+    """Offsets that make a neutral face look slightly smiling, raised, knit or sneering.
+
+    People's resting faces differ along the very directions AUs move, by as
+    much as a micro-expression's amplitude; without this a single apex frame
+    would give the label away.
+    """
+    corner_lift, inner_brow_lift, knit, lip_lift = resting
+    offsets = np.zeros((N_LANDMARKS, 2))
+    offsets[[48, 54, 60, 64], 1] -= corner_lift
+    offsets[[49, 53, 59, 55], 1] -= 0.5 * corner_lift
+    offsets[[21, 22], 1] -= inner_brow_lift
+    offsets[[20, 23], 1] -= 0.5 * inner_brow_lift
+    offsets[[20, 21], 0] += knit
+    offsets[[22, 23], 0] -= knit
+    offsets[[19, 20, 21, 22, 23, 24], 1] += 0.6 * knit
+    offsets[[50, 51, 52, 61, 62, 63], 1] -= lip_lift
+    return offsets
 
 
 def _mouth(half_width: float, y: float, lip: float) -> tuple[np.ndarray, np.ndarray]:

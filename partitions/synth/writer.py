@@ -27,7 +27,7 @@ from .face import Identity, landmarks_unit, place_landmarks, random_identity, re
 from .ground_truth import ground_truth_name, save_ground_truth
 from .layouts import LAYOUTS, ClipRecord
 
-SYNTH_VERSION = 1
+SYNTH_VERSION = 3
 SITE_ORDER = ("casme2", "samm", "smic", "casme3")  # fixed: a site's seed must not depend on which others are asked
 MANIFEST = "synth.json"
 MAX_IDENTITY_DRAWS = 50
@@ -45,9 +45,8 @@ def _detector():
     return dlib.get_frontal_face_detector()
 
 
-def detectable(identity: Identity, spec: SynthSpec) -> bool:
-    """Whether dlib's HOG detector finds the identity's neutral face, as the real pipeline must."""
-    width = float(np.mean(spec.face_width))
+def detectable(identity: Identity, spec: SynthSpec, width: float) -> bool:
+    """Whether dlib's HOG detector finds the identity's neutral face at its own width, as the real pipeline must."""
     height, frame_width = spec.frame_size
     landmarks = place_landmarks(landmarks_unit(identity), width, (frame_width / 2, height / 2))
     grey = cv2.cvtColor(render_face(identity, landmarks, spec.frame_size), cv2.COLOR_BGR2GRAY)
@@ -61,7 +60,7 @@ def subject_identity(seed: int, site: int, subject: int, spec: SynthSpec) -> tup
     for _ in range(MAX_IDENTITY_DRAWS):
         identity = random_identity(rng)
         width = rng.uniform(*spec.face_width)
-        if detectable(identity, spec):
+        if detectable(identity, spec, width):
             return identity, width
     raise RuntimeError(f"no detectable identity in {MAX_IDENTITY_DRAWS} draws; the face renderer is broken")
 
