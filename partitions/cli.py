@@ -36,7 +36,9 @@ def fail(error: DataError) -> typer.Exit:
 def synth(
     out: Annotated[Path, typer.Option("--out", help="Folder that receives one database folder per site")],
     seed: Annotated[int, typer.Option("--seed")] = 0,
-    sites: Annotated[str, typer.Option("--sites", help="Comma-separated: casme2, samm, smic, casme3")] = "casme2,samm,smic",
+    sites: Annotated[str, typer.Option("--sites", help="Comma-separated: casme2, samm, smic, casme3")] = (
+        "casme2,samm,smic"
+    ),
     subjects: Annotated[int, typer.Option("--subjects", min=1)] = 8,
     clips_per_subject: Annotated[int, typer.Option("--clips-per-subject", min=1)] = 6,
 ) -> None:
