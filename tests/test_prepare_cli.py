@@ -2,13 +2,11 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 from pathlib import Path
 
 import cv2
 import numpy as np
-import pytest
 from openpyxl import Workbook
 from typer.testing import CliRunner
 
@@ -97,14 +95,9 @@ def test_prepare_command_reports_bad_input_without_traceback(tmp_path: Path) -> 
     assert blocked.exit_code == 2 and "cannot create the cache folder" in blocked.output
 
 
-HAS_WRITER = importlib.util.find_spec("partitions.synth.writer") is not None
-
-
-@pytest.mark.skipif(not HAS_WRITER, reason="waits on partitions.synth.writer.synthesise (lead's synthetic databases)")
 def test_prepare_synthetic_site_with_ground_truth(tmp_path: Path) -> None:
     from partitions.labels import load_site
-
-    synthesise = importlib.import_module("partitions.synth.writer").synthesise
+    from partitions.synth.writer import synthesise
 
     written = synthesise(tmp_path / "synth", seed=1, sites=["casme2"], subjects=1, clips_per_subject=2, progress=False)
     cache = tmp_path / "cache"

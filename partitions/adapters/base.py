@@ -161,14 +161,16 @@ class SiteBuilder:
 
     adapter: Adapter
     root: Path
-    samples: list[Sample] = field(default_factory=list)
-    skipped: list[Skipped] = field(default_factory=list)
     entries: int = 0
+    site: SiteIndex = field(init=False)
     _seen: dict[str, str] = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        self.site = SiteIndex(self.adapter.name, self.root)
 
     def skip(self, entry: str, reason: str) -> None:
         """Leave one entry out, with a reason a person can act on."""
-        self.skipped.append(Skipped(entry, reason))
+        self.site.skipped.append(Skipped(entry, reason))
 
     def add(self, sample: Sample) -> None:
         """Keep a sample unless its key was already read from an earlier row."""
@@ -178,23 +180,23 @@ class SiteBuilder:
             )
             return
         self._seen[sample.key] = sample.source
-        self.samples.append(sample)
+        self.site.samples.append(sample)
 
     def finish(self) -> SiteIndex:
         """The site index; a site with no readable sample is a DataError that says where frames were expected."""
-        if not self.samples:
+        if not self.site.samples:
             if self.entries == 0:
                 raise DataError(
                     f"{self.root}: the {self.adapter.title} site is empty (no annotated clip found). "
                     f"Expected layout: {self.adapter.layout}."
                 )
-            first = self.skipped[0]
+            first = self.site.skipped[0]
             raise DataError(
                 f"{self.root}: none of the {self.entries} {self.adapter.title} entries could be read; the first, "
                 f"{first.entry}, was skipped because {first.reason}. Point --root at the database's top folder "
                 f"({self.adapter.layout}); {tree_summary(self.root)}."
             )
-        return SiteIndex(self.adapter.name, self.root, self.samples, self.skipped)
+        return self.site
 
 
 def entry_name(subject: str, clip_id: str, source: str) -> str:

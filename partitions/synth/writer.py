@@ -27,7 +27,7 @@ from .face import Identity, landmarks_unit, place_landmarks, random_identity, re
 from .ground_truth import ground_truth_name, save_ground_truth
 from .layouts import LAYOUTS, ClipRecord
 
-SYNTH_VERSION = 3
+SYNTH_VERSION = 4
 SITE_ORDER = ("casme2", "samm", "smic", "casme3")  # fixed: a site's seed must not depend on which others are asked
 MANIFEST = "synth.json"
 MAX_IDENTITY_DRAWS = 50
@@ -55,7 +55,7 @@ def detectable(identity: Identity, spec: SynthSpec, width: float) -> bool:
 
 def subject_identity(seed: int, site: int, subject: int, spec: SynthSpec) -> tuple[Identity, float]:
     """The subject's identity and face width: redrawn until the detector finds it (real databases only
-    publish clips whose faces can be processed), about 1 in 25 draws here."""
+    publish clips whose faces can be processed), about 1 in 8 draws here."""
     rng = _rng(seed, site, subject)
     for _ in range(MAX_IDENTITY_DRAWS):
         identity = random_identity(rng)
@@ -65,13 +65,44 @@ def subject_identity(seed: int, site: int, subject: int, spec: SynthSpec) -> tup
     raise RuntimeError(f"no detectable identity in {MAX_IDENTITY_DRAWS} draws; the face renderer is broken")
 
 
+MAX_CLIP_DRAWS = 10
+
+
+def _clip_rng(seed: int, site: int, subject: int, clip: int, attempt: int) -> np.random.Generator:
+    keys = (seed, site, subject, clip + 1) + ((attempt,) if attempt else ())
+    return _rng(*keys)
+
+
+def faces_found(frames: list[np.ndarray], rows: set[int], params: list[int], extension: str) -> bool:
+    """Whether dlib finds a face (no upsampling, stricter than prepare) in each given frame as it will be stored:
+    prepare detects on the first sampled frame, the onset, or the first frame where onsets are not annotated."""
+    for row in rows:
+        stored = cv2.imdecode(cv2.imencode(extension, frames[row], params)[1], cv2.IMREAD_GRAYSCALE)
+        if not len(_detector()(stored, 0)):
+            return False
+    return True
+
+
 def write_clip(task: tuple[str, Path, int, int, int, int, Identity, float]) -> ClipRecord:
-    """Render one clip into its native folder with its ground truth; returns its sheet record."""
+    """Render one clip into its native folder with its ground truth; returns its sheet record.
+
+    A clip whose stored onset or first frame dlib cannot find a face in is redrawn (about 1 in 30): real databases
+    only publish clips their own face pipeline could process.
+    """
     site_name, root, seed, site, subject, clip, identity, face_width = task
     spec, layout = SPECS[site_name], LAYOUTS[site_name]
-    rng = _rng(seed, site, subject, clip + 1)
-    plan = plan_clip(spec, rng, face_width, layout.first_frame(rng, clip))
-    tl = plan.timeline
+    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if layout.extension == ".jpg" else []
+    for attempt in range(MAX_CLIP_DRAWS):
+        rng = _clip_rng(seed, site, subject, clip, attempt)
+        plan = plan_clip(spec, rng, face_width, layout.first_frame(rng, clip))
+        neutral, landmarks = neutral_image(spec, identity, plan)
+        motion = build_motion(plan, landmarks, spec.frame_size)
+        frames = list(render_frames(spec, neutral, motion, plan))
+        tl = plan.timeline
+        if faces_found(frames, {0, tl.onset - tl.first}, params, layout.extension):
+            break
+    else:
+        raise RuntimeError(f"{site_name} subject {subject} clip {clip}: no detectable face in {MAX_CLIP_DRAWS} draws")
     record = ClipRecord(
         subject=subject,
         clip=clip,
@@ -84,12 +115,9 @@ def write_clip(task: tuple[str, Path, int, int, int, int, Identity, float]) -> C
         last=tl.last,
         quirk=float(rng.random()),
     )
-    neutral, landmarks = neutral_image(spec, identity, plan)
-    motion = build_motion(plan, landmarks, spec.frame_size)
     folder = layout.clip_dir(root, record)
     folder.mkdir(parents=True, exist_ok=True)
-    params = [cv2.IMWRITE_JPEG_QUALITY, JPEG_QUALITY] if layout.extension == ".jpg" else []
-    for number, frame in zip(tl.frame_numbers, render_frames(spec, neutral, motion, plan), strict=True):
+    for number, frame in zip(tl.frame_numbers, frames, strict=True):
         cv2.imwrite(str(folder / layout.frame_name(record, int(number))), frame, params)
     save_ground_truth(folder / ground_truth_name(layout.ground_truth_onset(record)), motion)
     return record
