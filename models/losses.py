@@ -1,0 +1,64 @@
+"""The multitask loss: L = w_mer CE + w_flow EPE + w_ldm NME-L1 + w_au BCE(AU).
+
+Every term is a per-sample loss averaged over the batch (sum / B), with a per-sample mask where a sample
+lacks a target (SMIC codes no AUs). Dividing by B rather than by the number of targets present keeps each
+sample's gradient independent of the rest of the batch, which per-sample clipping (Opacus) relies on.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .network import ModelOutput
+
+LEFT_EYE_OUTER, RIGHT_EYE_OUTER = 36, 45  # iBUG-68 points that define the inter-ocular distance
+
+
+@dataclass(frozen=True)
+class LossWeights:
+    """Task weights (see the README's loss-weight measurement for how the defaults were chosen)."""
+
+    mer: float = 1.0
+    flow: float = 0.1
+    landmarks: float = 1.0
+    au: float = 0.5
+
+
+def endpoint_error(predicted: Tensor, target: Tensor) -> Tensor:
+    """Mean Euclidean flow error per sample: (B, ..., 2, H, W) pairs -> (B,)."""
+    return torch.linalg.vector_norm(predicted - target, dim=-3).flatten(1).mean(dim=1)
+
+
+def landmark_error(predicted: Tensor, target: Tensor, norm: str = "l1") -> Tensor:
+    """Per-sample landmark error over inter-ocular distance: (B, T, 68, 2) -> (B,).
+
+    ``l1`` (the training loss) sums |dx| + |dy| per point; ``l2`` gives the usual NME for reporting.
+    """
+    difference = predicted - target
+    per_point = difference.abs().sum(-1) if norm == "l1" else torch.linalg.vector_norm(difference, dim=-1)
+    inter_ocular = torch.linalg.vector_norm(target[..., LEFT_EYE_OUTER, :] - target[..., RIGHT_EYE_OUTER, :], dim=-1)
+    return (per_point.mean(-1) / inter_ocular.clamp_min(1e-6)).flatten(1).mean(dim=1)
+
+
+class MultitaskLoss(nn.Module):
+    """Model output and a batch from ``partitions.dataset.ClipDataset`` -> (total, detached terms)."""
+
+    def __init__(self, weights: LossWeights | None = None) -> None:
+        super().__init__()
+        self.weights = weights or LossWeights()
+
+    def forward(self, output: ModelOutput, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        terms = {"mer": F.cross_entropy(output.logits, batch["label"], reduction="none")}
+        if output.flow is not None:
+            terms["flow"] = endpoint_error(output.flow, batch["flow"])
+        if output.landmarks is not None:
+            terms["landmarks"] = landmark_error(output.landmarks, batch["landmarks"])
+        if output.au_logits is not None:
+            per_au = F.binary_cross_entropy_with_logits(output.au_logits, batch["au"], reduction="none")
+            terms["au"] = per_au.mean(dim=1) * batch["au_mask"].to(per_au.dtype)
+        total = sum(getattr(self.weights, name) * value.mean() for name, value in terms.items())
+        return total, {name: float(value.detach().mean()) for name, value in terms.items()}

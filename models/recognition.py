@@ -1,0 +1,61 @@
+"""Recognition head: MOL's 3-D convolution over the stacked pair features, then the classifier.
+
+The classifier's input also takes the AU-graph embedding (FED-PsyAU), so the emotion decision sees
+which AUs the graph found and how they coordinate.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor, nn
+
+from .config import RecognitionHeadConfig
+
+
+def motion_channels(depth: int, config: RecognitionHeadConfig) -> int:
+    """Channels of the time-folded motion features: one map per (3-D conv channel, output time step)."""
+    return config.channels * (depth - min(config.kernel[0], depth) + 1)
+
+
+class RecognitionHead(nn.Module):
+    """Stacked pair features (B, C, D, h, w), D = 2(T-1) -> class logits (B, classes).
+
+    ``motion_features`` exposes the 3-D convolution's output, (B, channels * D', h', w') with time
+    folded into channels: the AU graph pools its node features from it, so they carry motion.
+    """
+
+    def __init__(
+        self,
+        channels: int,
+        depth: int,
+        feature_size: int,
+        config: RecognitionHeadConfig,
+        num_classes: int,
+        extra_dim: int = 0,
+    ) -> None:
+        super().__init__()
+        kernel = (min(config.kernel[0], depth), *config.kernel[1:])
+        self.conv = nn.Conv3d(channels, config.channels, kernel_size=kernel, stride=(1, 2, 2))
+        self.pool = nn.MaxPool3d(2, ceil_mode=True)
+        self.dropout = nn.Dropout(config.dropout)
+        with torch.no_grad():
+            flat = self.pool(self.conv(torch.zeros(1, channels, depth, feature_size, feature_size))).numel()
+        self.hidden = nn.Linear(flat, config.hidden)
+        self.classifier = nn.Linear(config.hidden + extra_dim, num_classes)
+
+    def motion_features(self, stacked: Tensor) -> Tensor:
+        """(B, C, D, h, w) -> the 3-D convolution's output (B, channels, D', h', w')."""
+        return self.conv(stacked)
+
+    @staticmethod
+    def fold_time(motion: Tensor) -> Tensor:
+        """(B, c, D', h', w') -> (B, c * D', h', w'): one map per (channel, time step)."""
+        return motion.flatten(1, 2)
+
+    def forward(self, motion: Tensor, extra: Tensor | None = None) -> Tensor:
+        """Motion features (B, channels, D', h', w') and optional extra (B, extra_dim) -> logits (B, classes)."""
+        x = self.dropout(self.pool(motion)).flatten(1)
+        x = self.dropout(torch.relu(self.hidden(x)))
+        if extra is not None:
+            x = torch.cat([x, extra], dim=1)
+        return self.classifier(x)
