@@ -129,13 +129,21 @@ class FrameEncoder(nn.Module):
 
 
 def _upsample2(x: Tensor) -> Tensor:
-    """Bilinear x2 of every frame of (B, C, T, h, w): trilinear with time scale 1 samples time exactly."""
-    return F.interpolate(x, scale_factor=(1.0, 2.0, 2.0), mode="trilinear", align_corners=False)
+    """Bilinear x2 of every frame of (B, C, T, h, w). Frames are folded into the batch here only because
+    interpolation has no weights (Opacus is unaffected); 2-D bilinear is 1.5x faster than trilinear on CPU."""
+    batch, frames = x.shape[0], x.shape[2]
+    folded = x.transpose(1, 2).flatten(0, 1)
+    up = F.interpolate(folded, scale_factor=2.0, mode="bilinear", align_corners=False)
+    return up.unflatten(0, (batch, frames)).transpose(1, 2)
 
 
 class FeatureUpsample(nn.Module):
     """Doubles a decoder map's side: ConvTranspose (1x4x4, stride 1x2x2, padding 0x1x1; FlowNetC's ``deconv``) or
-    bilinear x2 + 1x3x3 conv, then LeakyReLU(0.1). (B, in_channels, P, h, w) -> (B, out_channels, P, 2h, 2w)."""
+    1x3x3 conv then bilinear x2, then LeakyReLU(0.1). (B, in_channels, P, h, w) -> (B, out_channels, P, 2h, 2w).
+
+    The conv runs before the upsampling, at a quarter of the pixels: the full-resolution stage was half the
+    ``lite`` training step when it convolved after upsampling.
+    """
 
     def __init__(self, in_channels: int, out_channels: int, transposed: bool) -> None:
         super().__init__()
@@ -149,9 +157,9 @@ class FeatureUpsample(nn.Module):
         self.act = nn.LeakyReLU(SLOPE)
 
     def forward(self, x: Tensor) -> Tensor:
-        if not self.transposed:
-            x = _upsample2(x)
-        return self.act(self.conv(x))
+        if self.transposed:
+            return self.act(self.conv(x))
+        return self.act(_upsample2(self.conv(x)))
 
 
 def _bilinear_kernel(size: int = 4) -> Tensor:

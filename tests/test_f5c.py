@@ -12,7 +12,7 @@ import torch
 import torch.nn.functional as F
 
 from models.config import preset
-from models.f5c import CCC, FCC, AxisEmbedding, F5CBackbone, F5CBlock, Stem
+from models.f5c import CCC, FCC, AxisEmbedding, CircularConv, F5CBackbone, F5CBlock, Stem
 
 GRAPHS = ("positions", "channels")
 
@@ -110,16 +110,15 @@ def test_fcc_receptive_field_test_catches_a_local_kernel() -> None:
     with torch.no_grad():
         for branch in (fcc.branch1, fcc.branch2):
             for conv in (branch.conv1, branch.conv2):
-                conv.weight[..., 1:, :] = 0.0  # (C, 1, 1, kh, kw): keep tap 0 of the axis the kernel spans
-                conv.weight[..., 1:] = 0.0
+                conv.weight[:, 1:] = 0.0  # (C, L): keep tap 0 of the axis the kernel spans
     diff = _bump_response(fcc, 1, frame=1)
     assert diff[1, 1].sum() > 0
     assert not (diff[1, 1] > 1e-9).all()
 
 
-def _circular_reference(y: torch.Tensor, conv: torch.nn.Conv3d, dim: int) -> torch.Tensor:
+def _circular_reference(y: torch.Tensor, conv: CircularConv, dim: int) -> torch.Tensor:
     """out[i] = sum_s k[s] y[(i + s) mod L] + b, straight from the definition, on (B, C, T, h, w)."""
-    kernel = conv.weight[:, 0].flatten(1)  # (C, L): the kernel is 1 along time and along the other axis
+    kernel = conv.weight  # (C, L)
     view = (1, -1, 1, 1, 1)
     out = sum(kernel[:, s].view(view) * torch.roll(y, -s, dims=dim) for s in range(kernel.shape[1]))
     return out + conv.bias.view(view)
@@ -143,7 +142,7 @@ def test_fcc_matches_definition() -> None:
         assert torch.allclose(fcc(x[:, :, 2]), want[:, :, 2], atol=1e-10)  # a single frame
     assert fcc.branch1.embed1.weight.shape == (1, 4, 1, 5, 1)
     assert fcc.branch2.embed1.weight.shape == (1, 4, 1, 1, 6)
-    assert fcc.branch1.conv1.kernel_size == (1, 5, 1) and fcc.branch1.conv1.groups == 4
+    assert fcc.branch1.conv1.weight.shape == (4, 5) and fcc.branch2.conv1.weight.shape == (4, 6)
 
 
 def test_axis_embedding_is_a_parameter_only_leaf() -> None:
