@@ -5,7 +5,7 @@ and split into subject-grouped folds per site; each configuration trains from th
 training folds and is scored on the held-out subjects: UF1/UAR, AU F1, flow EPE against the exact
 displacement and against TV-L1, landmark NME. Results go to JSON (one row per configuration and fold).
 
-    .venv/bin/python benchmarks/model_variants.py [--configs positions,channels] [--epochs 15] [--folds 2]
+    .venv/bin/python benchmarks/model_variants.py [--configs positions,channels] [--epochs 10] [--folds 2]
 """
 
 from __future__ import annotations
@@ -33,8 +33,7 @@ CONFIGS: dict[str, dict] = {
     "positions": {"ccc_graph": "positions", "weights": LossWeights()},
     "channels": {"ccc_graph": "channels", "weights": LossWeights()},
     "mer-only": {"ccc_graph": "positions", "weights": LossWeights(flow=0.0, landmarks=0.0, au=0.0)},
-    "aux-light": {"ccc_graph": "positions", "weights": LossWeights(flow=0.02, landmarks=0.2, au=0.1)},
-    "aux-heavy": {"ccc_graph": "positions", "weights": LossWeights(flow=0.5, landmarks=5.0, au=2.0)},
+    "aux-x5": {"ccc_graph": "positions", "weights": LossWeights(flow=0.5, landmarks=5.0, au=2.5)},
 }
 
 
@@ -95,7 +94,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("data/cache"))
     parser.add_argument("--subjects", type=int, default=8)
     parser.add_argument("--clips", type=int, default=6)
-    parser.add_argument("--epochs", type=int, default=15)
+    parser.add_argument("--epochs", type=int, default=10)
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "model_variants.json")

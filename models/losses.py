@@ -7,6 +7,7 @@ sample's gradient independent of the rest of the batch, which per-sample clippin
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -44,15 +45,27 @@ def landmark_error(predicted: Tensor, target: Tensor, norm: str = "l1") -> Tenso
     return (per_point.mean(-1) / inter_ocular.clamp_min(1e-6)).flatten(1).mean(dim=1)
 
 
-class MultitaskLoss(nn.Module):
-    """Model output and a batch from ``partitions.dataset.ClipDataset`` -> (total, detached terms)."""
+def balanced_class_weights(targets: Sequence[int], num_classes: int) -> Tensor:
+    """Inverse class frequency, mean 1 over the classes present: ME databases are imbalanced (CASME II's
+    "others" and "disgust" dwarf "fear"), and an unweighted CE settles on the majority class."""
+    counts = torch.bincount(torch.as_tensor(list(targets), dtype=torch.int64), minlength=num_classes).float()
+    weights = torch.where(counts > 0, counts.sum() / (num_classes * counts.clamp_min(1)), torch.zeros_like(counts))
+    return weights / weights[counts > 0].mean()
 
-    def __init__(self, weights: LossWeights | None = None) -> None:
+
+class MultitaskLoss(nn.Module):
+    """Model output and a batch from ``partitions.dataset.ClipDataset`` -> (total, detached terms).
+
+    ``class_weights`` (optional, see :func:`balanced_class_weights`) weight each sample's CE by its class.
+    """
+
+    def __init__(self, weights: LossWeights | None = None, class_weights: Tensor | None = None) -> None:
         super().__init__()
         self.weights = weights or LossWeights()
+        self.register_buffer("class_weights", class_weights, persistent=False)
 
     def forward(self, output: ModelOutput, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
-        terms = {"mer": F.cross_entropy(output.logits, batch["label"], reduction="none")}
+        terms = {"mer": F.cross_entropy(output.logits, batch["label"], weight=self.class_weights, reduction="none")}
         if output.flow is not None:
             terms["flow"] = endpoint_error(output.flow, batch["flow"])
         if output.landmarks is not None:
