@@ -1,0 +1,208 @@
+"""The site's Flower ClientApp: translate messages (see :mod:`client.protocol`) to :mod:`client.task` calls.
+
+Which site a node is comes from its node config (deployment) or its partition id and the run config
+(simulation), see :mod:`client.site`. Parameters named by the run config's ``local-params`` never leave the
+site: they live in ``context.state`` between rounds, and replies carry only the shared ones.
+"""
+
+from __future__ import annotations
+
+import copy
+import logging
+
+import torch
+from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
+from flwr.clientapp import ClientApp
+
+from client import protocol as p
+from client.site import RunSettings, SiteData, SiteSpec, SplitSettings, load_data
+from client.task import (
+    EpochCallback,
+    Evaluation,
+    LocalTraining,
+    TrainOutcome,
+    au_cooccurrence,
+    check_prefixes,
+    evaluate_local,
+    load_arrays,
+    set_au_prior,
+    split_state,
+    train_local,
+)
+from models import F5CNet, ModelConfig, build_model
+
+LOCAL_ARRAYS = "local-arrays"
+"""``context.state`` key of this site's local parameters (absent until its first train round)."""
+
+log = logging.getLogger("fedmer.client")
+
+app = ClientApp()
+
+_MODELS: dict[tuple[ModelConfig, int, str], tuple[F5CNet, dict[str, torch.Tensor]]] = {}
+"""Built networks and their initial weights, by (config, seed, device): building costs more than a reset."""
+
+
+# ----------------------------------------------------------------------------------------------- helpers
+
+
+def _site(context: Context) -> tuple[SiteSpec, RunSettings, SiteData]:
+    """The node's site, the run's settings and the site's split data (cached per site in-process)."""
+    settings = RunSettings.from_config(context.run_config)
+    spec = SiteSpec.from_config(context.node_config, context.run_config)
+    return spec, settings, load_data(spec, SplitSettings.of(settings))
+
+
+def _config(msg: Message) -> ConfigRecord:
+    """The message's config record (an empty one when the server sent none)."""
+    return msg.content.config_records.get(p.CONFIG, ConfigRecord())
+
+
+def _fresh_model(config: ModelConfig, seed: int, device: str) -> F5CNet:
+    """The network at its seeded initial weights, so nothing carries over between sites or calls."""
+    key = (config, seed, device)
+    if key not in _MODELS:
+        torch.manual_seed(seed)
+        model = build_model(config).to(device)
+        _MODELS[key] = (model, copy.deepcopy(model.state_dict()))
+    model, initial = _MODELS[key]
+    model.load_state_dict(initial)
+    return model
+
+
+def _received_model(msg: Message, context: Context, settings: RunSettings, data: SiteData) -> F5CNet:
+    """Fresh model <- the server's arrays <- this site's local arrays, with the server's AU prior if it sent one."""
+    model = _fresh_model(settings.model_config(data.num_classes), settings.seed, data.spec.device)
+    check_prefixes(model, settings.local_params)
+    shared = msg.content.array_records[p.ARRAYS].to_torch_state_dict() if p.ARRAYS in msg.content else {}
+    local = context.state[LOCAL_ARRAYS].to_torch_state_dict() if LOCAL_ARRAYS in context.state else {}
+    load_arrays(model, shared, local)
+    prior = _config(msg).get(p.COOCCURRENCE, [])
+    if isinstance(prior, list) and prior:
+        set_au_prior(model, [float(v) for v in prior])
+    return model
+
+
+def _round_seed(settings: RunSettings, spec: SiteSpec, server_round: int) -> int:
+    """Seed of one site's round: seed + site index + server round."""
+    return settings.seed + spec.index + server_round
+
+
+def _training_options(config: ConfigRecord, settings: RunSettings, spec: SiteSpec) -> LocalTraining:
+    """The round's training: the server's config where it says so, else the run config's defaults."""
+    server_round = int(config.get(p.SERVER_ROUND, 1))
+    epochs = int(config.get(p.LOCAL_EPOCHS, settings.local_epochs))
+    return LocalTraining(
+        epochs=epochs,
+        lr=float(config.get(p.LR, settings.lr)),
+        mu=float(config.get(p.PROXIMAL_MU, 0.0)),
+        prior_weight=float(config.get(p.PRIOR_WEIGHT, 0.0)),
+        batch_size=settings.batch_size,
+        seed=_round_seed(settings, spec, server_round),
+        first_epoch=max(server_round - 1, 0) * epochs,
+        local_params=settings.local_params,
+        weights=settings.weights,
+        device=spec.device,
+        server_round=server_round,
+    )
+
+
+def _epoch_logger(spec: SiteSpec, options: LocalTraining) -> EpochCallback:
+    """One progress line per local epoch (logger ``fedmer.client``)."""
+
+    def log_epoch(epoch: int, terms: dict[str, float]) -> None:
+        log.info(
+            "%s round %d epoch %d/%d: loss %.4f (mer %.4f) train-uf1 %.3f",
+            spec.label,
+            options.server_round,
+            epoch + 1,
+            options.epochs,
+            terms["loss"],
+            terms["mer"],
+            terms["train_uf1"],
+        )
+
+    return log_epoch
+
+
+def _train_metrics(spec: SiteSpec, outcome: TrainOutcome, arrays: ArrayRecord) -> MetricRecord:
+    """NUM_EXAMPLES and exactly TRAIN_METRIC_KEYS (a KeyError here means the contract moved)."""
+    terms = outcome.terms
+    values = {
+        p.SITE_INDEX: spec.index,
+        "loss": terms["loss"],
+        "loss-mer": terms["mer"],
+        "loss-flow": terms["flow"],
+        "loss-landmarks": terms["landmarks"],
+        "loss-au": terms["au"],
+        "train-uf1": outcome.train_uf1,
+        "train-seconds": outcome.seconds,
+        "bytes-sent": arrays.count_bytes(),
+    }
+    return MetricRecord({p.NUM_EXAMPLES: outcome.examples, **{key: values[key] for key in p.TRAIN_METRIC_KEYS}})
+
+
+def _evaluate_metrics(spec: SiteSpec, result: Evaluation) -> MetricRecord:
+    """NUM_EXAMPLES and exactly EVALUATE_METRIC_KEYS."""
+    values = {
+        p.SITE_INDEX: spec.index,
+        "uf1": result.uf1,
+        "uar": result.uar,
+        "accuracy": result.accuracy,
+        "class-recall": result.class_recall,
+        "epe": result.epe,
+        "nme": result.nme,
+        "au-f1": result.au_f1,
+    }
+    return MetricRecord({p.NUM_EXAMPLES: result.examples, **{key: values[key] for key in p.EVALUATE_METRIC_KEYS}})
+
+
+# ----------------------------------------------------------------------------------------------- handlers
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Local training from the received shared arrays; reply with the shared arrays and the round's metrics."""
+    spec, settings, data = _site(context)
+    options = _training_options(_config(msg), settings, spec)
+    model = _received_model(msg, context, settings, data)
+    outcome = train_local(model, data.train, data.num_classes, options, on_epoch=_epoch_logger(spec, options))
+    shared, local = split_state(model.state_dict(), settings.local_params)
+    if local:
+        context.state[LOCAL_ARRAYS] = ArrayRecord(torch_state_dict=local)
+    arrays = ArrayRecord(torch_state_dict=shared)
+    metrics = _train_metrics(spec, outcome, arrays)
+    return Message(RecordDict({p.ARRAYS: arrays, p.METRICS: metrics}), reply_to=msg)
+
+
+@app.evaluate()
+def evaluate(msg: Message, context: Context) -> Message:
+    """Score the received model (with this site's local parameters) on the site's held-out test subjects."""
+    spec, settings, data = _site(context)
+    server_round = int(_config(msg).get(p.SERVER_ROUND, 0))
+    model = _received_model(msg, context, settings, data)
+    result = evaluate_local(
+        model,
+        data.test,
+        data.num_classes,
+        settings.batch_size,
+        spec.device,
+        seed=_round_seed(settings, spec, server_round),
+    )
+    log.info(
+        "%s round %d evaluate: uf1 %.3f uar %.3f on %d clips",
+        spec.label,
+        server_round,
+        result.uf1,
+        result.uar,
+        result.examples,
+    )
+    return Message(RecordDict({p.METRICS: _evaluate_metrics(spec, result)}), reply_to=msg)
+
+
+@app.query()
+def query(msg: Message, context: Context) -> Message:
+    """AU co-occurrence counts over the training split: the only AU statistics that leave the site."""
+    _spec, _settings, data = _site(context)
+    counts, samples = au_cooccurrence(data.train.samples)
+    record = MetricRecord({p.COUNTS: [int(v) for v in counts.flatten().round().tolist()], p.SAMPLES: samples})
+    return Message(RecordDict({p.AU_COUNTS: record}), reply_to=msg)

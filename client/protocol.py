@@ -1,0 +1,47 @@
+"""What the server and a site say to each other: record names and keys of every Flower message.
+
+One place for the contract, so that ``client`` (which answers) and ``server`` (which asks; it imports this
+module, never the other way round) cannot drift apart.
+
+train (server -> site): ``ARRAYS`` the shared parameters; ``CONFIG`` with ``SERVER_ROUND``, ``LOCAL_EPOCHS``,
+``LR``, ``PROXIMAL_MU`` (FedProx; 0 turns it off), ``PRIOR_WEIGHT`` (FED-PsyAU's r) and ``COOCCURRENCE``
+(the global AU co-occurrence prior, 144 floats row-major, empty to keep the published one).
+train (site -> server): ``ARRAYS`` (the shared parameters after local training) and ``METRICS`` holding
+``NUM_EXAMPLES`` and every key of ``TRAIN_METRIC_KEYS``; the same keys from every site (Flower's strategies
+refuse replies whose keys differ).
+evaluate (site -> server): ``METRICS`` with ``NUM_EXAMPLES`` and ``EVALUATE_METRIC_KEYS``.
+query (site -> server): ``AU_COUNTS`` MetricRecord with ``COUNTS`` (144 ints, row-major 12x12 co-occurrence
+counts over the site's training samples that carry AU codes) and ``SAMPLES``.
+"""
+
+from __future__ import annotations
+
+ARRAYS = "arrays"
+CONFIG = "config"
+METRICS = "metrics"
+AU_COUNTS = "au-counts"
+
+SERVER_ROUND = "server-round"
+LOCAL_EPOCHS = "local-epochs"
+LR = "lr"
+PROXIMAL_MU = "proximal-mu"  # the key Flower's FedProx strategy sends
+PRIOR_WEIGHT = "prior-weight"
+COOCCURRENCE = "cooccurrence"
+
+NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
+SITE_INDEX = "site-index"  # position of the site in the federation's site list: replies are sorted by it
+COUNTS = "counts"
+SAMPLES = "samples"
+
+TRAIN_METRIC_KEYS = (
+    SITE_INDEX,
+    "loss",
+    "loss-mer",
+    "loss-flow",
+    "loss-landmarks",
+    "loss-au",
+    "train-uf1",
+    "train-seconds",
+    "bytes-sent",
+)
+EVALUATE_METRIC_KEYS = (SITE_INDEX, "uf1", "uar", "accuracy", "class-recall", "epe", "nme", "au-f1")

@@ -1,0 +1,299 @@
+"""Which site a node is, the run's training settings, and the site's data split.
+
+A deployed node names its site in ``node_config`` (``dataset``, ``data-path``, optional ``cache-path``,
+``subset``, ``labels``, ``device``, ``site-index``). A simulated node only gets ``partition-id``: the run
+config's ``sites`` (comma-separated database names), ``data-root`` and ``cache-root`` map it to
+``<data-root>/<sites[partition-id]>``, so one ``flwr run`` reproduces a deployment. Every bad setting stops
+here with one :class:`DataError` that names the site and the fix, before any training starts.
+
+The server imports :class:`RunSettings` to build the very model the sites train (same preset, classes and
+clip shape) and :func:`num_classes` to size it without reading any site.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Mapping
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+
+from models import LossWeights, ModelConfig, preset
+from partitions.adapters import ADAPTERS, canonical_database
+from partitions.cache import PrepareConfig
+from partitions.dataset import ClipDataset
+from partitions.errors import DataError
+from partitions.labels import LabelledSite, label_space, load_site
+from partitions.splits import subject_holdout
+
+Config = Mapping[str, Any]
+"""A Flower ``UserConfig`` (node or run config): str keys, bool/int/float/str values."""
+
+DEFAULT_LABELS = "composite3"
+DEFAULT_CACHE = "cache"  # beside the data root: <data-root>/../cache, as the README's data/synthetic + data/cache
+
+
+# ----------------------------------------------------------------------------------------------- settings
+
+
+def _setting(config: Config, key: str, default: Any, kind: type) -> Any:
+    """``config[key]`` as ``kind`` (default when absent); DataError naming the key when it does not convert."""
+    value = config.get(key, default)
+    try:
+        return kind(value)
+    except (TypeError, ValueError):
+        raise DataError(
+            f"run config {key}={value!r} is not a valid {kind.__name__}; give e.g. {key}={default}"
+        ) from None
+
+
+def _text(config: Config, key: str) -> str:
+    """A string setting, stripped; '' when absent."""
+    return str(config.get(key, "")).strip()
+
+
+def _names(value: str) -> tuple[str, ...]:
+    """Comma-separated list -> stripped non-empty names."""
+    return tuple(name.strip() for name in value.split(",") if name.strip())
+
+
+@dataclass(frozen=True)
+class RunSettings:
+    """Run-config settings every site shares; every key has a default, since ``run_simulation`` may pass none."""
+
+    preset: str = "lite"
+    ccc_graph: str = "positions"
+    batch_size: int = 8
+    local_epochs: int = 1
+    lr: float = 1e-3
+    seed: int = 0
+    test_fraction: float = 0.25
+    val_fraction: float = 0.0
+    local_params: tuple[str, ...] = ()
+    weights: LossWeights = field(default_factory=LossWeights)
+
+    @classmethod
+    def from_config(cls, run_config: Config) -> RunSettings:
+        """Read and check ``preset``, ``ccc-graph``, ``batch-size``, ``local-epochs``, ``lr``, ``seed``,
+        ``test-fraction``, ``val-fraction``, ``local-params`` and ``weight-{mer,flow,landmarks,au}``."""
+        defaults = cls()
+        base = LossWeights()
+        settings = cls(
+            preset=_setting(run_config, "preset", defaults.preset, str),
+            ccc_graph=_setting(run_config, "ccc-graph", defaults.ccc_graph, str),
+            batch_size=_setting(run_config, "batch-size", defaults.batch_size, int),
+            local_epochs=_setting(run_config, "local-epochs", defaults.local_epochs, int),
+            lr=_setting(run_config, "lr", defaults.lr, float),
+            seed=_setting(run_config, "seed", defaults.seed, int),
+            test_fraction=_setting(run_config, "test-fraction", defaults.test_fraction, float),
+            val_fraction=_setting(run_config, "val-fraction", defaults.val_fraction, float),
+            local_params=_names(_text(run_config, "local-params")),
+            weights=LossWeights(
+                mer=_setting(run_config, "weight-mer", base.mer, float),
+                flow=_setting(run_config, "weight-flow", base.flow, float),
+                landmarks=_setting(run_config, "weight-landmarks", base.landmarks, float),
+                au=_setting(run_config, "weight-au", base.au, float),
+            ),
+        )
+        settings.check()
+        return settings
+
+    def check(self) -> None:
+        """DataError naming the run-config key for values no site could train with."""
+        if self.batch_size < 1 or self.local_epochs < 1:
+            raise DataError(
+                f"run config batch-size={self.batch_size} and local-epochs={self.local_epochs} must both "
+                "be at least 1; fix them in the run config"
+            )
+        if not 0 < self.test_fraction < 1 or not 0 <= self.val_fraction < 1:
+            raise DataError(
+                f"run config test-fraction={self.test_fraction} must lie in (0, 1) and val-fraction="
+                f"{self.val_fraction} in [0, 1); fix them in the run config"
+            )
+        try:
+            self.model_config(1)
+        except ValueError as error:
+            raise DataError(f"run config preset/ccc-graph: {error}") from None
+
+    def model_config(self, classes: int, prepare: PrepareConfig | None = None) -> ModelConfig:
+        """The network every site trains: the preset, sized for the clips ``fedmer prepare`` writes."""
+        prepare = prepare or PrepareConfig()
+        return preset(
+            self.preset, num_classes=classes, ccc_graph=self.ccc_graph, frames=prepare.t, image_size=prepare.size
+        )
+
+
+def resolve_device(name: str) -> str:
+    """``auto`` -> CUDA when present, else CPU; anything else as given (``cpu``, ``cuda:1``)."""
+    name = name.strip() or "auto"
+    if name == "auto":
+        return "cuda" if torch.cuda.is_available() else "cpu"
+    return name
+
+
+# ----------------------------------------------------------------------------------------------- the site
+
+
+@dataclass(frozen=True)
+class SiteSpec:
+    """Where one site's data lies and how it is labelled; hashable, so loaded data can be cached by it."""
+
+    index: int
+    dataset: str  # canonical database name
+    root: Path
+    cache: Path
+    labels: str = DEFAULT_LABELS
+    subset: Path | None = None
+    device: str = "cpu"
+
+    @property
+    def label(self) -> str:
+        """How errors and logs name the site."""
+        return f"site {self.index} ({self.dataset} at {self.root})"
+
+    @classmethod
+    def from_config(cls, node_config: Config, run_config: Config) -> SiteSpec:
+        """The node's site: from its own node config when it names a dataset, else from its partition id."""
+        if "dataset" in node_config:
+            spec = cls._deployed(node_config, run_config)
+        elif "partition-id" in node_config:
+            spec = cls._simulated(node_config, run_config)
+        else:
+            raise DataError(
+                f"node config {dict(node_config)} names no site: start the SuperNode with --node-config "
+                "\"dataset='casme2' data-path='/data/casme2'\" (or run a simulation, whose nodes get a partition-id)"
+            )
+        spec.check()
+        return replace(spec, dataset=canonical_database(spec.dataset) or spec.dataset)
+
+    @classmethod
+    def _deployed(cls, node_config: Config, run_config: Config) -> SiteSpec:
+        """A SuperNode's ``--node-config``: dataset, data-path and the optional rest."""
+        index = _setting(node_config, "site-index", 0, int)
+        dataset = _text(node_config, "dataset")
+        if not _text(node_config, "data-path"):
+            raise DataError(f"site {index} ({dataset}): node config has no data-path; add data-path='/path/to/site'")
+        root = Path(_text(node_config, "data-path")).expanduser()
+        cache = _text(node_config, "cache-path")
+        return cls(
+            index=index,
+            dataset=dataset,
+            root=root,
+            cache=Path(cache).expanduser() if cache else root.parent.parent / DEFAULT_CACHE,
+            labels=_text(node_config, "labels") or _text(run_config, "labels") or DEFAULT_LABELS,
+            subset=_optional_path(_text(node_config, "subset") or _text(run_config, "subset")),
+            device=resolve_device(_text(node_config, "device") or _text(run_config, "device")),
+        )
+
+    @classmethod
+    def _simulated(cls, node_config: Config, run_config: Config) -> SiteSpec:
+        """A simulated node: partition id -> the run config's ``sites`` list under ``data-root``."""
+        index = _setting(node_config, "partition-id", 0, int)
+        sites = _names(_text(run_config, "sites"))
+        if not 0 <= index < len(sites):
+            listed = ",".join(sites) or "nothing"
+            raise DataError(
+                f"site {index} (partition-id {index}): run config sites lists {len(sites)} site(s) ({listed}); "
+                f"give one database per simulated node, e.g. --run-config \"sites='casme2,samm,smic'\", or run "
+                f"with num-supernodes={len(sites)}"
+            )
+        data_root = Path(_text(run_config, "data-root") or "data").expanduser()
+        cache = _text(run_config, "cache-root")
+        return cls(
+            index=index,
+            dataset=sites[index],
+            root=data_root / sites[index],
+            cache=Path(cache).expanduser() if cache else data_root.parent / DEFAULT_CACHE,
+            labels=_text(run_config, "labels") or DEFAULT_LABELS,
+            subset=_optional_path(_text(run_config, "subset")),
+            device=resolve_device(_text(node_config, "device") or _text(run_config, "device")),
+        )
+
+    def check(self) -> None:
+        """Unknown database or missing folder: stop before anything loads."""
+        if canonical_database(self.dataset) is None:
+            raise DataError(
+                f"{self.label}: unknown dataset {self.dataset!r}; use one of {', '.join(ADAPTERS)} "
+                "(node config dataset=..., or the run config's sites list in simulation)"
+            )
+        if not self.root.is_dir():
+            raise DataError(
+                f"{self.label}: data path {self.root} does not exist; point data-path (or the run config's "
+                "data-root) at the folder that holds the database"
+            )
+
+
+def _optional_path(text: str) -> Path | None:
+    return Path(text).expanduser() if text else None
+
+
+def num_classes(dataset: str, labels: str = DEFAULT_LABELS) -> int:
+    """Classes of a label space for a database, without reading the site (the server sizes the model so)."""
+    return len(label_space(labels, dataset).classes)
+
+
+# ----------------------------------------------------------------------------------------------- loading
+
+
+@dataclass(frozen=True)
+class SiteData:
+    """One site's labelled samples split by subject into train / (validation) / test clip datasets."""
+
+    spec: SiteSpec
+    site: LabelledSite
+    train: ClipDataset
+    test: ClipDataset
+    val: ClipDataset | None
+    test_subjects: tuple[str, ...]
+    val_subjects: tuple[str, ...]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.site.space.classes)
+
+
+@dataclass(frozen=True)
+class SplitSettings:
+    """What a site's split depends on (a cache key next to the SiteSpec)."""
+
+    seed: int = 0
+    test_fraction: float = 0.25
+    val_fraction: float = 0.0
+
+    @classmethod
+    def of(cls, settings: RunSettings) -> SplitSettings:
+        return cls(settings.seed, settings.test_fraction, settings.val_fraction)
+
+
+def split_indices(site: LabelledSite, split: SplitSettings, index: int) -> tuple[np.ndarray, ...]:
+    """Subject-held-out (train, val, test) indices into ``site.samples``; seeded by seed + site index."""
+    holdout = subject_holdout(site.samples, fraction=split.test_fraction, seed=split.seed + index)
+    train, test, val = holdout.train, holdout.val, np.zeros(0, dtype=np.int64)
+    if split.val_fraction > 0:
+        inner = subject_holdout([site.samples[i] for i in train], fraction=split.val_fraction, seed=split.seed + index)
+        train, val = train[inner.train], train[inner.val]
+    return train, val, test
+
+
+def _subjects(site: LabelledSite, indices: np.ndarray) -> tuple[str, ...]:
+    return tuple(sorted({site.samples[i].subject for i in indices}))
+
+
+@functools.lru_cache(maxsize=8)
+def load_data(spec: SiteSpec, split: SplitSettings) -> SiteData:
+    """Read the site, split it and open its prepared clips; every DataError names the site.
+
+    Cached per (site, split) in-process: a simulation worker serves several partitions in turn.
+    """
+    try:
+        site = load_site(spec.dataset, spec.root, labels=spec.labels, subset=spec.subset)
+        train, val, test = split_indices(site, split, spec.index)
+        train_set = ClipDataset.from_site(site, train.tolist(), spec.cache, train=True, seed=split.seed + spec.index)
+        test_set = ClipDataset.from_site(site, test.tolist(), spec.cache, train=False)
+        val_set = ClipDataset.from_site(site, val.tolist(), spec.cache, train=False) if len(val) else None
+    except DataError as error:
+        raise DataError(f"{spec.label}: {error}") from None
+    return SiteData(spec, site, train_set, test_set, val_set, _subjects(site, test), _subjects(site, val))

@@ -1,0 +1,245 @@
+"""One site's local work on plain torch objects: shared/local parameter split, training, evaluation, AU counts.
+
+No Flower types here, so the ClientApp stays a thin translation layer and all of this runs in plain tests.
+Training minimises :class:`models.MultitaskLoss` plus, for FedProx, ``(mu / 2) * ||w - w_global||^2`` over the
+shared trainable parameters (Li et al., MLSys 2020), added at every step. Every random draw (weight init aside,
+dropout, shuffling, augmentation) is seeded by the caller, so one config gives one result on CPU.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+from sklearn.metrics import recall_score
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, Dataset
+
+from client.training import Predictions, forward_batch, predict, scores, to_device
+from models import F5CNet, LossWeights, MultitaskLoss
+from models.au_graph import N_AUS, cooccurrence_counts
+from partitions.action_units import au_target
+from partitions.records import Sample
+
+LOSS_TERMS = ("loss", "mer", "flow", "landmarks", "au")
+"""Loss terms a training round reports (the weighted total first); a head that is off reports 0."""
+
+
+# ----------------------------------------------------------------------------------------------- parameters
+
+
+def is_local(name: str, prefixes: Iterable[str]) -> bool:
+    """Whether a state-dict entry stays on the site: its name is a prefix or lies under one (``flow_head``)."""
+    return any(name == p or name.startswith(p.rstrip(".") + ".") for p in prefixes)
+
+
+def check_prefixes(model: nn.Module, prefixes: Sequence[str]) -> None:
+    """ValueError for a local-params prefix that matches nothing (a typo would silently share everything)."""
+    names = list(model.state_dict())
+    unmatched = [p for p in prefixes if not any(is_local(n, [p]) for n in names)]
+    if unmatched:
+        tops = sorted({n.split(".")[0] for n in names})
+        raise ValueError(
+            f"local-params {','.join(unmatched)} match no parameter of the model; "
+            f"use dotted prefixes of parameter names such as {', '.join(tops)}"
+        )
+
+
+def split_state(state: Mapping[str, Tensor], prefixes: Sequence[str]) -> tuple[dict[str, Tensor], dict[str, Tensor]]:
+    """A state dict -> (shared entries, local entries), each in the state dict's order."""
+    shared = {k: v for k, v in state.items() if not is_local(k, prefixes)}
+    local = {k: v for k, v in state.items() if is_local(k, prefixes)}
+    return shared, local
+
+
+def load_arrays(model: nn.Module, *parts: Mapping[str, Tensor]) -> None:
+    """Load the given entries over the model's own (later parts win); ValueError for names the model lacks.
+
+    Entries absent from every part keep their current values, so a reply that carries only shared
+    parameters leaves the local ones alone. Integer buffers that arrive as floats (FedAvg) are cast back.
+    """
+    own = model.state_dict()
+    merged = {name: value for part in parts for name, value in part.items()}
+    unknown = sorted(set(merged) - set(own))
+    if unknown:
+        raise ValueError(
+            f"{len(unknown)} received arrays are not in this model (first: {unknown[0]}); the server "
+            "and the site must build the same preset, ccc-graph and label space"
+        )
+    model.load_state_dict({name: value.to(own[name].dtype) for name, value in merged.items()}, strict=False)
+
+
+def set_au_prior(model: F5CNet, cooccurrence: Sequence[float]) -> None:
+    """Install the federation's AU co-occurrence prior (144 floats, row-major) when the model has the AU head."""
+    if model.au_head is not None:
+        model.au_head.set_cooccurrence(torch.tensor(list(cooccurrence), dtype=torch.float64).reshape(N_AUS, N_AUS))
+
+
+def shared_trainable(model: nn.Module, prefixes: Sequence[str]) -> dict[str, Tensor]:
+    """Detached copies of the shared trainable parameters: FedProx's anchor w_global."""
+    return {
+        name: p.detach().clone()
+        for name, p in model.named_parameters()
+        if p.requires_grad and not is_local(name, prefixes)
+    }
+
+
+def proximal_term(model: nn.Module, anchor: Mapping[str, Tensor]) -> Tensor:
+    """``||w - w_global||^2`` over the anchor's parameters (the caller scales by mu / 2)."""
+    parameters = dict(model.named_parameters())
+    return sum((parameters[name] - value).pow(2).sum() for name, value in anchor.items())
+
+
+# ----------------------------------------------------------------------------------------------- seeding
+
+
+def seeded_loader(dataset: Dataset, batch_size: int, shuffle: bool, seed: int) -> DataLoader:
+    """A single-process loader whose order comes from its own generator, not the global RNG."""
+    generator = torch.Generator().manual_seed(seed)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=shuffle, generator=generator, num_workers=0)
+
+
+# ----------------------------------------------------------------------------------------------- training
+
+
+@dataclass(frozen=True)
+class LocalTraining:
+    """How one round of local training runs; ``seed`` is already mixed with site and round by the caller."""
+
+    epochs: int = 1
+    lr: float = 1e-3
+    mu: float = 0.0
+    prior_weight: float = 0.0
+    batch_size: int = 8
+    seed: int = 0
+    first_epoch: int = 0  # augmentation epoch of the first local epoch, so rounds see different augmentations
+    local_params: tuple[str, ...] = ()
+    weights: LossWeights = field(default_factory=LossWeights)
+    device: str = "cpu"
+    server_round: int = 1  # for progress lines only
+
+
+@dataclass(frozen=True)
+class TrainOutcome:
+    """The last local epoch's mean loss terms and train UF1 (on augmented clips, in train mode)."""
+
+    terms: dict[str, float]
+    train_uf1: float
+    seconds: float
+    examples: int
+
+
+EpochCallback = Callable[[int, dict[str, float]], None]
+
+
+def _train_epoch(
+    model: F5CNet,
+    batches: Iterable[dict[str, Tensor]],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: MultitaskLoss,
+    options: LocalTraining,
+    anchor: Mapping[str, Tensor],
+) -> tuple[dict[str, float], Predictions]:
+    """One pass; the proximal term joins the objective but not the reported loss (comparable across mu)."""
+    model.train()
+    sums = dict.fromkeys(LOSS_TERMS, 0.0)
+    predictions = Predictions()
+    steps = 0
+    for batch in batches:
+        batch = to_device(batch, torch.device(options.device))
+        optimizer.zero_grad(set_to_none=True)
+        output = forward_batch(model, batch, options.prior_weight)
+        total, terms = loss_fn(output, batch)
+        objective = total + options.mu / 2 * proximal_term(model, anchor) if anchor else total
+        objective.backward()
+        optimizer.step()
+        terms["loss"] = float(total.detach())
+        for name in LOSS_TERMS:
+            sums[name] += terms.get(name, 0.0)
+        predictions.labels += batch["label"].tolist()
+        predictions.predicted += output.logits.detach().argmax(dim=1).tolist()
+        steps += 1
+    return {name: value / max(steps, 1) for name, value in sums.items()}, predictions
+
+
+def train_local(
+    model: F5CNet, dataset: Dataset, num_classes: int, options: LocalTraining, on_epoch: EpochCallback | None = None
+) -> TrainOutcome:
+    """Train ``model`` in place for ``options.epochs`` epochs with Adam (fresh each round) and FedProx if mu > 0."""
+    torch.manual_seed(options.seed)
+    model.to(options.device)
+    anchor = shared_trainable(model, options.local_params) if options.mu > 0 else {}
+    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=options.lr)
+    loss_fn = MultitaskLoss(options.weights)
+    loader = seeded_loader(dataset, options.batch_size, shuffle=True, seed=options.seed)
+    start = time.perf_counter()
+    terms, uf1 = dict.fromkeys(LOSS_TERMS, 0.0), 0.0
+    for epoch in range(options.epochs):
+        if hasattr(dataset, "set_epoch"):
+            dataset.set_epoch(options.first_epoch + epoch)
+        terms, predictions = _train_epoch(model, loader, optimizer, loss_fn, options, anchor)
+        uf1 = scores(predictions, num_classes)["uf1"]
+        if on_epoch is not None:
+            on_epoch(epoch, {**terms, "train_uf1": uf1})
+    return TrainOutcome(terms, uf1, time.perf_counter() - start, len(dataset))
+
+
+# ----------------------------------------------------------------------------------------------- evaluation
+
+
+@dataclass(frozen=True)
+class Evaluation:
+    """Per-video scores on a held-out split; a missing head or target scores 0.0 so every site has every value."""
+
+    uf1: float
+    uar: float
+    accuracy: float
+    class_recall: list[float]
+    epe: float
+    nme: float
+    au_f1: float
+    examples: int
+
+
+def evaluate_local(
+    model: F5CNet, dataset: Dataset, num_classes: int, batch_size: int = 8, device: str = "cpu", seed: int = 0
+) -> Evaluation:
+    """Predict every clip of ``dataset`` (no augmentation, the model's own landmarks) and score it."""
+    torch.manual_seed(seed)
+    model.to(device)
+    predictions = predict(model, seeded_loader(dataset, batch_size, shuffle=False, seed=seed), device)
+    result = scores(predictions, num_classes)
+    recall = (
+        recall_score(
+            predictions.labels, predictions.predicted, labels=list(range(num_classes)), average=None, zero_division=0
+        )
+        if predictions.labels
+        else np.zeros(num_classes)
+    )
+    return Evaluation(
+        uf1=result["uf1"],
+        uar=result["uar"],
+        accuracy=result["accuracy"],
+        class_recall=[float(r) for r in recall],
+        epe=result.get("flow_epe", 0.0),
+        nme=result.get("landmark_nme", 0.0),
+        au_f1=result.get("au_f1", 0.0),
+        examples=len(predictions.labels),
+    )
+
+
+# ----------------------------------------------------------------------------------------------- AU statistics
+
+
+def au_cooccurrence(samples: Sequence[Sample]) -> tuple[Tensor, int]:
+    """(12, 12) co-occurrence counts over the samples whose database codes AUs, and how many those are.
+
+    Only these additive counts leave the site; the server sums them and builds the prior
+    (:func:`models.au_graph.cooccurrence_from_counts`).
+    """
+    coded = [s for s in samples if s.has_action_units]
+    targets = np.stack([au_target(s) for s in coded]) if coded else np.zeros((0, N_AUS), dtype=np.float32)
+    return cooccurrence_counts(torch.from_numpy(targets)), len(coded)

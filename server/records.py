@@ -1,0 +1,267 @@
+"""A run's directory: resolved config, per-round metrics, checkpoints, summary, table and plot.
+
+Layout of ``RunDirectory(path)``::
+
+    config.json                        the resolved run config
+    metrics.jsonl                      one line per (round, phase, site): {"round", "phase", "site", ...metrics}
+    checkpoints/round-0003.safetensors global arrays after round 3 (metadata: {"round": "3"})
+    summary.json                       {"rounds", "sites": {site: {uf1, uar, accuracy, epe, nme}}, "pooled": {uf1, uar}}
+    rounds.png                         per-site UF1 and loss per round (plot_rounds)
+
+Whole files are written atomically (temp file in the same folder + ``os.replace``), so a reader or a crash
+never sees half a JSON document; ``metrics.jsonl`` is appended one flushed line at a time, and
+:func:`load_metrics` ignores a torn last line. Non-finite floats are written as ``null`` (strict JSON).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+import math
+import os
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from flwr.app import ArrayRecord
+from rich.table import Table
+from safetensors import safe_open
+from safetensors.torch import load_file
+from safetensors.torch import save as save_safetensors
+from torch import Tensor
+
+from partitions.cache import atomic_write
+
+CONFIG_FILE = "config.json"
+METRICS_FILE = "metrics.jsonl"
+SUMMARY_FILE = "summary.json"
+CHECKPOINTS = "checkpoints"
+PLOT_FILE = "rounds.png"
+
+SITE_KEYS = ("uf1", "uar", "accuracy", "epe", "nme")
+POOLED_KEYS = ("uf1", "uar")
+RESERVED_KEYS = ("round", "phase", "site")
+DECIMALS = 4
+
+
+def _plain(value: Any) -> Any:
+    """JSON-ready copy: numpy / torch scalars and arrays to Python, non-finite floats to None, Paths to str."""
+    if isinstance(value, Mapping):
+        return {str(key): _plain(item) for key, item in value.items()}
+    if isinstance(value, list | tuple):
+        return [_plain(item) for item in value]
+    if isinstance(value, Tensor | np.ndarray):
+        return _plain(value.tolist())
+    if isinstance(value, np.generic):
+        return _plain(value.item())
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, Path):
+        return str(value)
+    if value is None or isinstance(value, bool | int | str):
+        return value
+    raise TypeError(f"cannot write {type(value).__name__} {value!r} as JSON")
+
+
+def _json_bytes(document: Any) -> bytes:
+    return (json.dumps(_plain(document), indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
+def checkpoint_name(server_round: int) -> str:
+    return f"round-{server_round:04d}.safetensors"
+
+
+class RunDirectory:
+    """The folder of one run; refuses a non-empty folder unless ``overwrite=True``.
+
+    With ``overwrite=True`` the files this class writes (config, metrics, summary, plot, checkpoints) are
+    removed first, so no record of an earlier run mixes into the new one; anything else is left alone.
+    """
+
+    def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
+        self.path = Path(path)
+        if self.path.exists() and not self.path.is_dir():
+            raise FileExistsError(f"run directory {self.path} exists and is not a folder")
+        if self.path.is_dir() and any(self.path.iterdir()):
+            if not overwrite:
+                raise FileExistsError(
+                    f"run directory {self.path} already holds files; choose a new folder or pass overwrite=True"
+                )
+            for name in (CONFIG_FILE, METRICS_FILE, SUMMARY_FILE, PLOT_FILE):
+                (self.path / name).unlink(missing_ok=True)
+            for checkpoint in (self.path / CHECKPOINTS).glob("round-*.safetensors"):
+                checkpoint.unlink()
+        self.path.mkdir(parents=True, exist_ok=True)
+
+    @property
+    def config_path(self) -> Path:
+        return self.path / CONFIG_FILE
+
+    @property
+    def metrics_path(self) -> Path:
+        return self.path / METRICS_FILE
+
+    @property
+    def summary_path(self) -> Path:
+        return self.path / SUMMARY_FILE
+
+    @property
+    def plot_path(self) -> Path:
+        return self.path / PLOT_FILE
+
+    def checkpoint_path(self, server_round: int) -> Path:
+        return self.path / CHECKPOINTS / checkpoint_name(server_round)
+
+    def write_config(self, config: Mapping[str, Any]) -> Path:
+        """``config.json``: the resolved run config (atomic)."""
+        atomic_write(self.config_path, _json_bytes(dict(config)))
+        return self.config_path
+
+    def append_metrics(self, server_round: int, phase: str, site: str, metrics: Mapping[str, Any]) -> None:
+        """One line ``{"round", "phase", "site", ...metrics}`` appended to ``metrics.jsonl`` and flushed."""
+        clash = [key for key in RESERVED_KEYS if key in metrics]
+        if clash:
+            raise ValueError(f"metrics may not use the reserved keys {clash}")
+        if not phase or not site:
+            raise ValueError(f"phase and site must be non-empty, got phase={phase!r}, site={site!r}")
+        line = json.dumps(
+            _plain({"round": int(server_round), "phase": phase, "site": site, **metrics}), allow_nan=False
+        )
+        with self.metrics_path.open("a", encoding="utf-8") as handle:
+            handle.write(line + "\n")
+            handle.flush()
+            os.fsync(handle.fileno())
+
+    def save_checkpoint(self, server_round: int, state: Mapping[str, Tensor] | ArrayRecord) -> Path:
+        """``checkpoints/round-NNNN.safetensors`` with ``{"round": "N"}`` metadata (atomic)."""
+        if isinstance(state, ArrayRecord):
+            state = state.to_torch_state_dict()
+        tensors = {
+            name: torch.as_tensor(tensor).detach().to("cpu").clone(memory_format=torch.contiguous_format)
+            for name, tensor in state.items()
+        }  # clone: safetensors refuses views and tensors sharing storage
+        path = self.checkpoint_path(server_round)
+        atomic_write(path, save_safetensors(tensors, metadata={"round": str(int(server_round))}))
+        return path
+
+    def write_summary(self, rounds: int, sites: Mapping[str, Mapping[str, Any]], pooled: Mapping[str, Any]) -> Path:
+        """``summary.json``: exactly the documented keys, floats rounded to 4 decimals (None: not measured)."""
+        atomic_write(self.summary_path, _json_bytes(summary_document(rounds, sites, pooled)))
+        return self.summary_path
+
+
+def _score(value: Any, where: str) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, bool) or not isinstance(value, int | float | np.number):
+        raise ValueError(f"{where} must be a number or None, got {value!r}")
+    value = float(value)
+    return round(value, DECIMALS) if math.isfinite(value) else None
+
+
+def _pick(values: Mapping[str, Any], keys: tuple[str, ...], where: str) -> dict[str, float | None]:
+    missing = [key for key in keys if key not in values]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}; it needs {list(keys)}")
+    return {key: _score(values[key], f"{where} {key}") for key in keys}
+
+
+def summary_document(
+    rounds: int, sites: Mapping[str, Mapping[str, Any]], pooled: Mapping[str, Any]
+) -> dict[str, Any]:
+    """Validated summary: ``{"rounds": R, "sites": {site: {SITE_KEYS}}, "pooled": {POOLED_KEYS}}``."""
+    if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
+        raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
+    if not sites:
+        raise ValueError("summary needs at least one site")
+    return {
+        "rounds": rounds,
+        "sites": {str(site): _pick(values, SITE_KEYS, f"site {site!r}") for site, values in sites.items()},
+        "pooled": _pick(pooled, POOLED_KEYS, "pooled"),
+    }
+
+
+def load_summary(path: str | os.PathLike[str]) -> dict[str, Any]:
+    document = json.loads(Path(path).read_text(encoding="utf-8"))
+    return summary_document(document["rounds"], document["sites"], document["pooled"])
+
+
+def load_checkpoint(path: str | os.PathLike[str]) -> tuple[int, dict[str, Tensor]]:
+    """(round, state dict) of a checkpoint written by :meth:`RunDirectory.save_checkpoint`."""
+    with safe_open(str(path), framework="pt") as handle:
+        metadata = handle.metadata() or {}
+    return int(metadata["round"]), load_file(str(path))
+
+
+def load_metrics(path: str | os.PathLike[str]) -> list[dict[str, Any]]:
+    """The lines of a ``metrics.jsonl``; a torn last line (no newline, cut by a crash) is ignored."""
+    text = Path(path).read_text(encoding="utf-8")
+    lines = text.split("\n")
+    torn = lines.pop()  # "" when the file ends with a newline
+    records = []
+    for number, line in enumerate(lines, start=1):
+        if not line.strip():
+            continue
+        try:
+            records.append(json.loads(line))
+        except json.JSONDecodeError as exc:
+            raise ValueError(f"{path}:{number}: not a JSON line ({exc.msg})") from exc
+    if torn.strip():
+        with contextlib.suppress(json.JSONDecodeError):  # a write cut short: everything before it is intact
+            records.append(json.loads(torn))
+    return records
+
+
+def _cell(value: Any) -> str:
+    return "—" if value is None else f"{value:.4f}"
+
+
+def site_table(summary: Mapping[str, Any]) -> Table:
+    """Rich table of a summary: one row per site (UF1, UAR, accuracy, EPE, NME) and a pooled row."""
+    table = Table(title=f"fedmer after {summary['rounds']} rounds")
+    table.add_column("Site")
+    for header in ("UF1", "UAR", "Accuracy", "EPE", "NME"):
+        table.add_column(header, justify="right")
+    for site, values in summary["sites"].items():
+        table.add_row(site, *(_cell(values.get(key)) for key in SITE_KEYS))
+    pooled = summary["pooled"]
+    table.add_row("pooled", _cell(pooled.get("uf1")), _cell(pooled.get("uar")), "—", "—", "—", style="bold")
+    return table
+
+
+def plot_rounds(
+    metrics_jsonl_path: str | os.PathLike[str], out_png: str | os.PathLike[str], *, dpi: int = 100
+) -> Path:
+    """PNG with per-site UF1 (evaluate phase) and loss (train phase) against the round (atomic write)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg only: never touches pyplot's backend
+    from matplotlib.figure import Figure
+
+    records = load_metrics(metrics_jsonl_path)
+    figure = Figure(figsize=(10, 4), layout="constrained")
+    FigureCanvasAgg(figure)
+    panels = (
+        (figure.add_subplot(1, 2, 1), "evaluate", "uf1", "UF1"),
+        (figure.add_subplot(1, 2, 2), "train", "loss", "loss"),
+    )
+    for axes, phase, key, label in panels:
+        series: dict[str, list[tuple[int, float]]] = {}
+        for record in records:
+            if record.get("phase") == phase and isinstance(record.get(key), int | float):
+                series.setdefault(str(record["site"]), []).append((int(record["round"]), float(record[key])))
+        for site, points in series.items():
+            points.sort()
+            axes.plot([r for r, _ in points], [v for _, v in points], marker="o", label=site)
+        axes.set_xlabel("round")
+        axes.set_ylabel(label)
+        axes.set_title(f"{label} per round ({phase})")
+        axes.grid(alpha=0.3)
+        if series:
+            axes.legend(fontsize="small")
+    buffer = io.BytesIO()
+    figure.savefig(buffer, format="png", dpi=dpi)
+    out = Path(out_png)
+    atomic_write(out, buffer.getvalue())
+    return out
