@@ -5,7 +5,7 @@ and split into subject-grouped folds per site; each configuration trains from th
 training folds and is scored on the held-out subjects: UF1/UAR, AU F1, flow EPE against the exact
 displacement and against TV-L1, landmark NME. Results go to JSON (one row per configuration and fold).
 
-    .venv/bin/python benchmarks/model_variants.py [--configs positions,channels] [--epochs 10] [--folds 2]
+    .venv/bin/python benchmarks/model_variants.py [--configs positions,channels] [--epochs 20] [--folds 2]
 """
 
 from __future__ import annotations
@@ -60,7 +60,7 @@ def run(name: str, train, test, epochs: int, seed: int) -> dict:
     settings = CONFIGS[name]
     torch.manual_seed(seed)
     model = build_model(preset("lite", num_classes=3, ccc_graph=settings["ccc_graph"]))
-    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-3, weight_decay=1e-4)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-4, weight_decay=1e-4)
     loss_fn = MultitaskLoss(settings["weights"])
     generator = torch.Generator().manual_seed(seed)
     loader = DataLoader(train, batch_size=8, shuffle=True, generator=generator)
@@ -94,7 +94,7 @@ def main() -> None:
     parser.add_argument("--cache", type=Path, default=Path("data/cache"))
     parser.add_argument("--subjects", type=int, default=8)
     parser.add_argument("--clips", type=int, default=6)
-    parser.add_argument("--epochs", type=int, default=10)
+    parser.add_argument("--epochs", type=int, default=20)
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--workers", type=int, default=2)
     parser.add_argument("--out", type=Path, default=Path(__file__).parent / "results" / "model_variants.json")

@@ -3,12 +3,22 @@
 Which site a node is comes from its node config (deployment) or its partition id and the run config
 (simulation), see :mod:`client.site`. Parameters named by the run config's ``local-params`` never leave the
 site: they live in ``context.state`` between rounds, and replies carry only the shared ones.
+
+:func:`make_client_app` builds the app; ``app = make_client_app()`` is what ``flwr run`` loads
+(``[tool.flwr.app.components]``). Its handlers read ``{**context.run_config, **overrides}``: ``flwr run`` fills
+``context.run_config`` with the pyproject defaults plus ``--run-config`` overrides (and ``app`` has no
+overrides), while ``flwr.simulation.run_simulation`` passes an EMPTY run config, so ``fedmer simulate`` hands
+its whole resolved config in as ``overrides``. Overrides win over the run config. The plain functions
+:func:`train`, :func:`evaluate` and :func:`query` read ``context.run_config`` as given.
 """
 
 from __future__ import annotations
 
 import copy
+import functools
 import logging
+from collections.abc import Callable, Mapping
+from typing import Any
 
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, RecordDict
@@ -35,8 +45,6 @@ LOCAL_ARRAYS = "local-arrays"
 """``context.state`` key of this site's local parameters (absent until its first train round)."""
 
 log = logging.getLogger("fedmer.client")
-
-app = ClientApp()
 
 _MODELS: dict[tuple[ModelConfig, int, str], tuple[F5CNet, dict[str, torch.Tensor]]] = {}
 """Built networks and their initial weights, by (config, seed, device): building costs more than a reset."""
@@ -149,6 +157,7 @@ def _evaluate_metrics(spec: SiteSpec, result: Evaluation) -> MetricRecord:
         "uar": result.uar,
         "accuracy": result.accuracy,
         "class-recall": result.class_recall,
+        "confusion": result.confusion,
         "epe": result.epe,
         "nme": result.nme,
         "au-f1": result.au_f1,
@@ -159,7 +168,6 @@ def _evaluate_metrics(spec: SiteSpec, result: Evaluation) -> MetricRecord:
 # ----------------------------------------------------------------------------------------------- handlers
 
 
-@app.train()
 def train(msg: Message, context: Context) -> Message:
     """Local training from the received shared arrays; reply with the shared arrays and the round's metrics."""
     spec, settings, data = _site(context)
@@ -174,7 +182,6 @@ def train(msg: Message, context: Context) -> Message:
     return Message(RecordDict({p.ARRAYS: arrays, p.METRICS: metrics}), reply_to=msg)
 
 
-@app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
     """Score the received model (with this site's local parameters) on the site's held-out test subjects."""
     spec, settings, data = _site(context)
@@ -199,10 +206,65 @@ def evaluate(msg: Message, context: Context) -> Message:
     return Message(RecordDict({p.METRICS: _evaluate_metrics(spec, result)}), reply_to=msg)
 
 
-@app.query()
 def query(msg: Message, context: Context) -> Message:
-    """AU co-occurrence counts over the training split: the only AU statistics that leave the site."""
-    _spec, _settings, data = _site(context)
+    """The site's index and its AU co-occurrence counts over the training split (the only AU statistics that
+    leave the site)."""
+    spec, _settings, data = _site(context)
     counts, samples = au_cooccurrence(data.train.samples)
-    record = MetricRecord({p.COUNTS: [int(v) for v in counts.flatten().round().tolist()], p.SAMPLES: samples})
+    values = {
+        p.SITE_INDEX: spec.index,
+        p.COUNTS: [int(v) for v in counts.flatten().round().tolist()],
+        p.SAMPLES: samples,
+    }
+    record = MetricRecord({key: values[key] for key in p.QUERY_METRIC_KEYS})
     return Message(RecordDict({p.AU_COUNTS: record}), reply_to=msg)
+
+
+# ----------------------------------------------------------------------------------------------- the app
+
+Handler = Callable[[Message, Context], Message]
+
+
+def with_overrides(context: Context, overrides: Mapping[str, Any]) -> Context:
+    """The node's context seen with ``{**context.run_config, **overrides}`` as its run config.
+
+    The copy shares ``node_config`` and, above all, ``state`` with the original, so what a handler keeps in
+    ``context.state`` (this site's local parameters) persists on the node as usual.
+    """
+    if not overrides:
+        return context
+    return Context(
+        run_id=context.run_id,
+        node_id=context.node_id,
+        node_config=context.node_config,
+        state=context.state,
+        run_config={**context.run_config, **overrides},
+        series_id=context.series_id,
+    )
+
+
+def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
+    """A ClientApp whose train / evaluate / query handlers read ``{**context.run_config, **overrides}``.
+
+    ``overrides`` (flat run-config keys, e.g. ``{"sites": "casme2,samm,smic", "data-root": ...}``) are what
+    ``run_simulation`` cannot pass through ``context.run_config`` (it is empty there); under ``flwr run`` leave
+    them out and the pyproject defaults plus ``--run-config`` apply. The app and its handlers pickle (Ray ships
+    the app to its workers): the overrides are copied into a plain dict.
+    """
+    fixed = dict(overrides or {})
+    client_app = ClientApp()
+
+    def bind(handler: Handler) -> Handler:
+        @functools.wraps(handler)
+        def handle(msg: Message, context: Context) -> Message:
+            return handler(msg, with_overrides(context, fixed))
+
+        return handle
+
+    client_app.train()(bind(train))
+    client_app.evaluate()(bind(evaluate))
+    client_app.query()(bind(query))
+    return client_app
+
+
+app = make_client_app()

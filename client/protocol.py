@@ -9,9 +9,12 @@ train (server -> site): ``ARRAYS`` the shared parameters; ``CONFIG`` with ``SERV
 train (site -> server): ``ARRAYS`` (the shared parameters after local training) and ``METRICS`` holding
 ``NUM_EXAMPLES`` and every key of ``TRAIN_METRIC_KEYS``; the same keys from every site (Flower's strategies
 refuse replies whose keys differ).
-evaluate (site -> server): ``METRICS`` with ``NUM_EXAMPLES`` and ``EVALUATE_METRIC_KEYS``.
-query (site -> server): ``AU_COUNTS`` MetricRecord with ``COUNTS`` (144 ints, row-major 12x12 co-occurrence
-counts over the site's training samples that carry AU codes) and ``SAMPLES``.
+evaluate (site -> server): ``METRICS`` with ``NUM_EXAMPLES`` and ``EVALUATE_METRIC_KEYS``; ``"confusion"`` is the
+CxC confusion matrix of the site's test split (row = true class, column = predicted), flattened row-major as
+ints, so the server can pool the sites' predictions (MEGC2019 composite UF1 / UAR) from the summed matrices.
+query (site -> server): ``AU_COUNTS`` MetricRecord with ``SITE_INDEX`` (so the server maps node ids to sites
+before round 1), ``COUNTS`` (144 ints, row-major 12x12 co-occurrence counts over the site's training samples
+that carry AU codes) and ``SAMPLES``.
 """
 
 from __future__ import annotations
@@ -44,4 +47,16 @@ TRAIN_METRIC_KEYS = (
     "train-seconds",
     "bytes-sent",
 )
-EVALUATE_METRIC_KEYS = (SITE_INDEX, "uf1", "uar", "accuracy", "class-recall", "epe", "nme", "au-f1")
+EVALUATE_METRIC_KEYS = (
+    SITE_INDEX,
+    "uf1",
+    "uar",
+    "accuracy",
+    "class-recall",
+    "confusion",
+    "epe",
+    "nme",
+    "au-f1",
+)
+QUERY_METRIC_KEYS = (SITE_INDEX, COUNTS, SAMPLES)
+"""Exactly the keys of the query reply's ``AU_COUNTS`` record."""

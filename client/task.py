@@ -14,7 +14,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 import torch
-from sklearn.metrics import recall_score
+from sklearn.metrics import confusion_matrix, recall_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -110,7 +110,7 @@ class LocalTraining:
     """How one round of local training runs; ``seed`` is already mixed with site and round by the caller."""
 
     epochs: int = 1
-    lr: float = 1e-3
+    lr: float = 3e-4
     mu: float = 0.0
     prior_weight: float = 0.0
     batch_size: int = 8
@@ -192,12 +192,17 @@ def train_local(
 
 @dataclass(frozen=True)
 class Evaluation:
-    """Per-video scores on a held-out split; a missing head or target scores 0.0 so every site has every value."""
+    """Per-video scores on a held-out split; a missing head or target scores 0.0 so every site has every value.
+
+    ``confusion`` is the CxC confusion matrix (row = true class, column = predicted) flattened row-major: the
+    additive statistic from which the server pools UF1 / UAR over all sites' clips.
+    """
 
     uf1: float
     uar: float
     accuracy: float
     class_recall: list[float]
+    confusion: list[int]
     epe: float
     nme: float
     au_f1: float
@@ -219,11 +224,17 @@ def evaluate_local(
         if predictions.labels
         else np.zeros(num_classes)
     )
+    confusion = (
+        confusion_matrix(predictions.labels, predictions.predicted, labels=list(range(num_classes)))
+        if predictions.labels
+        else np.zeros((num_classes, num_classes), dtype=np.int64)
+    )
     return Evaluation(
         uf1=result["uf1"],
         uar=result["uar"],
         accuracy=result["accuracy"],
         class_recall=[float(r) for r in recall],
+        confusion=[int(v) for v in confusion.flatten()],
         epe=result.get("flow_epe", 0.0),
         nme=result.get("landmark_nme", 0.0),
         au_f1=result.get("au_f1", 0.0),

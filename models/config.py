@@ -60,7 +60,8 @@ class RecognitionHeadConfig:
     channels: int = 32
     kernel: tuple[int, int, int] = (5, 2, 2)  # time, height, width
     hidden: int = 128
-    dropout: float = 0.5
+    dropout: float = 0.2
+    relative: bool = True  # express the stack against the onset's features: motion since onset, not appearance
 
 
 @dataclass(frozen=True)
@@ -128,7 +129,7 @@ MOL_PRESET = dict(
         skip_both_frames=False,
     ),
     landmarks=LandmarkHeadConfig(channels=32, stride=1, hidden=512),
-    recognition=RecognitionHeadConfig(channels=32, kernel=(5, 2, 2), hidden=256, dropout=0.5),
+    recognition=RecognitionHeadConfig(channels=32, kernel=(5, 2, 2), hidden=256, dropout=0.5, relative=False),
 )
 
 PRESETS: dict[str, dict] = {"lite": {}, "mol": MOL_PRESET}

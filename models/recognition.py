@@ -38,13 +38,22 @@ class RecognitionHead(nn.Module):
         self.conv = nn.Conv3d(channels, config.channels, kernel_size=kernel, stride=(1, 2, 2))
         self.pool = nn.MaxPool3d(2, ceil_mode=True)
         self.dropout = nn.Dropout(config.dropout)
+        self.relative = config.relative
         with torch.no_grad():
             flat = self.pool(self.conv(torch.zeros(1, channels, depth, feature_size, feature_size))).numel()
         self.hidden = nn.Linear(flat, config.hidden)
         self.classifier = nn.Linear(config.hidden + extra_dim, num_classes)
 
     def motion_features(self, stacked: Tensor) -> Tensor:
-        """(B, C, D, h, w) -> the 3-D convolution's output (B, channels, D', h', w')."""
+        """(B, C, D, h, w) -> the 3-D convolution's output (B, channels, D', h', w').
+
+        With ``relative``, each block's features are first expressed against that block's first entry (block #1
+        on the onset frame, block #2 on the next), so the convolution sees what moved since the onset rather than
+        the face's appearance, which carries no label: a still clip gives all zeros.
+        """
+        if self.relative:
+            pairs = stacked.unflatten(2, (-1, 2))  # (B, C, T-1, 2, h, w): [block #1, block #2] per pair
+            stacked = (pairs - pairs[:, :, :1]).flatten(2, 3)
         return self.conv(stacked)
 
     @staticmethod

@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from partitions.cli import register as register_data_commands
+from server.simulate import register as register_simulation
 
 app = typer.Typer(
     name="fedmer",
@@ -18,6 +19,7 @@ app = typer.Typer(
     pretty_exceptions_enable=False,
 )
 register_data_commands(app)
+register_simulation(app)
 
 if __name__ == "__main__":
     app()

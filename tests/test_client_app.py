@@ -178,6 +178,9 @@ def test_evaluate_gives_every_key_on_both_sites_and_zero_au_f1_without_au_codes(
         assert metrics[p.SITE_INDEX] == index and metrics[p.NUM_EXAMPLES] > 0
         assert len(metrics["class-recall"]) == 3 and all(0.0 <= r <= 1.0 for r in metrics["class-recall"])
         assert 0.0 <= metrics["uf1"] <= 1.0 and metrics["epe"] > 0 and metrics["nme"] > 0
+        confusion = np.array(metrics["confusion"]).reshape(3, 3)  # row = true class, flattened row-major
+        assert confusion.sum() == metrics[p.NUM_EXAMPLES]
+        assert np.trace(confusion) / confusion.sum() == pytest.approx(metrics["accuracy"])
     assert smic["au-f1"] == 0.0
 
 
@@ -189,6 +192,8 @@ def test_query_counts_au_cooccurrence_over_the_training_split(run_config: dict) 
     smic = client_app.app(message("query"), context(run_config, 1)).content  # through the app's dispatch
     (key,) = casme2.metric_records
     assert key == p.AU_COUNTS
+    assert set(casme2[p.AU_COUNTS]) == set(smic[p.AU_COUNTS]) == set(p.QUERY_METRIC_KEYS)
+    assert casme2[p.AU_COUNTS][p.SITE_INDEX] == 0 and smic[p.AU_COUNTS][p.SITE_INDEX] == 1
     counts = np.array(casme2[p.AU_COUNTS][p.COUNTS]).reshape(12, 12)
 
     settings = RunSettings.from_config(run_config)

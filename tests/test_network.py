@@ -174,3 +174,16 @@ def test_config_rejects_sizes_that_are_not_multiples_of_eight() -> None:
     with pytest.raises(ValueError, match="unknown preset"):
         preset("huge")
     assert replace(preset("mol"), num_classes=7).flow.patch == 21
+
+
+def test_relative_recognition_ignores_the_appearance_of_a_still_clip() -> None:
+    config = preset("lite", image_size=32, au_head=False, recognition=RecognitionHeadConfig(relative=True))
+    model = build_model(config).eval()
+    faces = torch.rand(2, 1, 1, 32, 32).expand(2, 8, 1, 32, 32)  # two different faces, no motion
+    with torch.no_grad():
+        logits = model(faces).logits
+    torch.testing.assert_close(logits[0], logits[1])
+    moving = faces.clone()
+    moving[1, 4:] = torch.roll(moving[1, 4:], 2, dims=-1)
+    with torch.no_grad():
+        assert not torch.allclose(model(moving).logits[1], logits[1])

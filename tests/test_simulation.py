@@ -1,0 +1,242 @@
+"""The whole federation: the real ServerApp and ClientApp through Flower's simulation engine (Ray) on a tiny
+synthetic federation, and ``fedmer simulate``'s refusals of bad options (no Ray there)."""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import time
+import tomllib
+from pathlib import Path
+
+import numpy as np
+import pytest
+import ray
+import torch
+from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
+from flwr.supercore import telemetry
+from flwr.supercore.task_identity import TaskIdentity
+from rich.console import Console
+from sklearn.metrics import f1_score, recall_score
+from typer.testing import CliRunner
+
+from client.protocol import AU_COUNTS, COUNTS, SAMPLES, SITE_INDEX
+from client.site import RunSettings, num_classes
+from models import build_model
+from server.cli import app
+from server.records import POOLED_KEYS, SITE_KEYS, load_checkpoint, load_metrics, load_summary
+from server.server_app import DEFAULTS, pooled_scores, query_sites, resolve_settings
+from server.simulate import Scale, prepare_data, run_simulation, simulation_config, simulation_environment
+from server.strategies import build_strategy, cooccurrence_prior
+
+ROOT = Path(__file__).resolve().parent.parent
+SITES = ("casme2", "samm", "smic")
+
+
+# ----------------------------------------------------------------------------------------------- processes
+
+
+def _processes() -> dict[int, tuple[int, str]]:
+    """pid -> (parent pid, command line) of every process this user can see."""
+    found = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            stat = (entry / "stat").read_text()
+            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        parent = int(stat[stat.rindex(")") + 2 :].split()[1])  # fields after "(comm)": state, ppid, ...
+        found[int(entry.name)] = (parent, command)
+    return found
+
+
+def _descendants(root: int, processes: dict[int, tuple[int, str]]) -> set[int]:
+    children: dict[int, list[int]] = {}
+    for pid, (parent, _command) in processes.items():
+        children.setdefault(parent, []).append(pid)
+    found, stack = set(), [root]
+    while stack:
+        for child in children.get(stack.pop(), []):
+            if child not in found:
+                found.add(child)
+                stack.append(child)
+    return found
+
+
+def _leftovers(before: set[int], ray_tmp: Path, wait: float = 20.0) -> list[str]:
+    """Processes started during the run that still live (our descendants, or anything using Ray's folder)."""
+    deadline = time.monotonic() + wait
+    while True:
+        processes = _processes()
+        started = _descendants(os.getpid(), processes) - before
+        alive = [
+            f"{pid}: {command[:160]}"
+            for pid, (_parent, command) in processes.items()
+            if (pid in started or str(ray_tmp) in command)
+            and command.strip()  # an exited process not yet reaped (zombie) has no command line
+        ]
+        if not alive or time.monotonic() > deadline:
+            return alive
+        time.sleep(0.5)
+
+
+# ----------------------------------------------------------------------------------------------- end to end
+
+
+def test_two_rounds_on_three_tiny_sites_through_the_simulation_engine_write_every_record(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(telemetry, "FLWR_TELEMETRY_ENABLED", "0")  # read at flwr's import, maybe by another test
+    out = tmp_path / "run"
+    config = simulation_config(
+        scale=Scale.tiny,
+        data=tmp_path / "synthetic",
+        cache=tmp_path / "cache",
+        options={"num-server-rounds": 2, "local-epochs": 1, "out": str(out)},
+    )
+    assert config["sites"] == ",".join(SITES)
+    prepare_data(config, Scale.tiny)
+    before = _descendants(os.getpid(), _processes())
+    printed = io.StringIO()
+
+    with simulation_environment() as ray_tmp:
+        assert os.environ["RAY_TMPDIR"] == str(ray_tmp) and ray_tmp.is_dir()
+        run_simulation(config, Console(file=printed, width=120))
+
+    assert not ray.is_initialized()
+    assert not ray_tmp.exists() and os.environ.get("RAY_TMPDIR") != str(ray_tmp)
+    assert _leftovers(before, ray_tmp) == []
+
+    # config.json: the resolved run config
+    assert json.loads((out / "config.json").read_text()) == config
+
+    # metrics.jsonl: one train and one evaluate line per round and site
+    records = load_metrics(out / "metrics.jsonl")
+    keys = sorted((r["round"], r["phase"], r["site"]) for r in records)
+    assert keys == sorted((r, phase, site) for r in (1, 2) for phase in ("train", "evaluate") for site in SITES)
+    evaluations = [r for r in records if r["phase"] == "evaluate"]
+    for record in evaluations:
+        confusion = np.array(record["confusion"]).reshape(3, 3)
+        assert confusion.sum() == record["num-examples"] > 0
+    for record in records:
+        assert record["site-index"] == SITES.index(record["site"])
+
+    # checkpoints: the global (shared) arrays after each round, nothing for round 0
+    checkpoints = sorted(p.name for p in (out / "checkpoints").iterdir())
+    assert checkpoints == ["round-0001.safetensors", "round-0002.safetensors"]
+    settings = RunSettings.from_config(config)
+    expected = build_model(settings.model_config(num_classes("casme2"))).state_dict()
+    for number, name in enumerate(checkpoints, start=1):
+        saved_round, state = load_checkpoint(out / "checkpoints" / name)
+        assert saved_round == number and state.keys() == expected.keys()
+        assert all(state[k].shape == expected[k].shape and torch.isfinite(state[k]).all() for k in state)
+
+    # summary.json: exactly the documented schema, from the last round; pooled from the summed confusions
+    document = json.loads((out / "summary.json").read_text())
+    assert document == load_summary(out / "summary.json")
+    assert set(document) == {"rounds", "sites", "pooled"} and document["rounds"] == 2
+    assert list(document["sites"]) == list(SITES)
+    last = {r["site"]: r for r in evaluations if r["round"] == 2}
+    for site, values in document["sites"].items():
+        assert set(values) == set(SITE_KEYS)
+        assert values == {key: round(last[site][key], 4) for key in SITE_KEYS}
+    assert set(document["pooled"]) == set(POOLED_KEYS)
+    pooled = pooled_scores([last[site]["confusion"] for site in SITES])
+    assert document["pooled"] == {key: round(pooled[key], 4) for key in POOLED_KEYS}
+    assert (out / "rounds.png").stat().st_size > 0
+
+    # the console: one progress line per round and site, the table, the run directory
+    text = printed.getvalue()
+    for server_round in (1, 2):
+        for site in SITES:
+            assert sum(line.startswith(f"round {server_round}/2  {site} ") for line in text.splitlines()) == 1
+    assert "pooled" in text and f"run directory: {out}" in " ".join(text.split())
+
+
+# ----------------------------------------------------------------------------------------------- cheap checks
+
+
+def test_pooled_scores_are_uf1_and_uar_over_all_sites_clips() -> None:
+    sites = [([0, 0, 1, 2], [0, 1, 1, 1]), ([2, 2, 1], [2, 0, 1]), ([0], [2])]
+    confusions = []
+    for labels, predicted in sites:
+        matrix = np.zeros((3, 3), dtype=int)
+        np.add.at(matrix, (labels, predicted), 1)
+        confusions.append(matrix.flatten().tolist())
+    labels = [label for site in sites for label in site[0]]
+    predicted = [guess for site in sites for guess in site[1]]
+    scores = pooled_scores(confusions)
+    assert scores["uf1"] == pytest.approx(f1_score(labels, predicted, labels=[0, 1, 2], average="macro"))
+    assert scores["uar"] == pytest.approx(recall_score(labels, predicted, average="macro"))
+    assert pooled_scores([]) == {"uf1": None, "uar": None}
+
+
+class QueryGrid:
+    """Replies to the query round as scripted: node -> site index (counts reply), an error reason, or None."""
+
+    def __init__(self, script: dict[int, int | str | None]) -> None:
+        self.script = script
+        self.timeouts: list[float | None] = []
+
+    def get_node_ids(self) -> list[int]:
+        return list(self.script)
+
+    def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
+        self.timeouts.append(timeout)
+        replies = []
+        for message in messages:
+            answer = self.script[message.metadata.dst_node_id]
+            assert message.metadata.message_type == MessageType.QUERY
+            if isinstance(answer, int):
+                counts = MetricRecord({SITE_INDEX: answer, COUNTS: [answer + 1] * 144, SAMPLES: 2})
+                replies.append(Message(RecordDict({AU_COUNTS: counts}), reply_to=message))
+            elif isinstance(answer, str):
+                replies.append(Message(Error(code=3, reason=answer), reply_to=message))
+        return replies
+
+
+def test_the_query_round_maps_nodes_to_sites_and_records_failures(monkeypatch: pytest.MonkeyPatch) -> None:
+    for name, value in (("_run_id", 1), ("_node_id", 0), ("_task_id", 1)):
+        monkeypatch.setattr(TaskIdentity, name, value)  # a ServerApp process gets these from the SuperLink
+    settings = resolve_settings({"round-timeout": 7, "out": "unused"})
+    strategy = build_strategy("fedavg", 3, settings.config)
+    grid = QueryGrid({11: 2, 12: "DataError: site 1 (samm ...): run fedmer prepare", 13: None, 14: 0})
+
+    prior, node_sites = query_sites(grid, [11, 12, 13, 14], settings, strategy)
+
+    assert node_sites == {11: 2, 14: 0} and grid.timeouts == [7.0]
+    assert prior == cooccurrence_prior([[1] * 144, [3] * 144])
+    failed = {(f["phase"], f["node_id"]): f["reason"] for f in strategy.failures}
+    assert set(failed) == {("query", 12), ("query", 13)}
+    assert "fedmer prepare" in failed[("query", 12)] and "no reply" in failed[("query", 13)]
+
+    strict = resolve_settings({"min-sites": 3, "out": "unused"})
+    with pytest.raises(RuntimeError, match=r"only 2 of 4 nodes answered.*min-sites=3.*fedmer prepare"):
+        query_sites(grid, [11, 12, 13, 14], strict, build_strategy("fedavg", 3, strict.config))
+
+
+def test_the_pyproject_run_config_holds_the_server_defaults() -> None:
+    project = tomllib.loads((ROOT / "pyproject.toml").read_text())
+    assert project["tool"]["flwr"]["app"]["config"] == DEFAULTS
+    assert "federations" not in project["tool"]["flwr"]
+
+
+def test_simulate_refuses_an_unknown_strategy_before_touching_data(tmp_path: Path) -> None:
+    arguments = ["simulate", "--strategy", "nope", "--scale", "tiny", "--data", str(tmp_path / "synthetic")]
+    result = CliRunner().invoke(app, [*arguments, "--cache", str(tmp_path / "cache"), "--out", str(tmp_path / "run")])
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert "error:" in flat and "'nope'" in flat and "fedavg" in flat and "personalised" in flat
+    assert "Traceback" not in flat
+    assert not any(tmp_path.iterdir())  # nothing synthesised, prepared or recorded
+
+
+def test_simulate_refuses_a_missing_config_file(tmp_path: Path) -> None:
+    missing = tmp_path / "absent.toml"
+    result = CliRunner().invoke(app, ["simulate", "--config", str(missing), "--data", str(tmp_path / "synthetic")])
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert "error:" in flat and str(missing) in flat and "does not exist" in flat and "Traceback" not in flat
