@@ -28,16 +28,16 @@ from client import protocol as p
 from client.site import RunSettings, SiteData, SiteSpec, SplitSettings, load_data
 from client.task import (
     EpochCallback,
-    Evaluation,
     LocalTraining,
-    TrainOutcome,
     au_cooccurrence,
     check_prefixes,
     evaluate_local,
+    evaluate_metrics,
     load_arrays,
     set_au_prior,
     split_state,
     train_local,
+    train_metrics,
 )
 from models import F5CNet, ModelConfig, build_model
 
@@ -132,39 +132,6 @@ def _epoch_logger(spec: SiteSpec, options: LocalTraining) -> EpochCallback:
     return log_epoch
 
 
-def _train_metrics(spec: SiteSpec, outcome: TrainOutcome, arrays: ArrayRecord) -> MetricRecord:
-    """NUM_EXAMPLES and exactly TRAIN_METRIC_KEYS (a KeyError here means the contract moved)."""
-    terms = outcome.terms
-    values = {
-        p.SITE_INDEX: spec.index,
-        "loss": terms["loss"],
-        "loss-mer": terms["mer"],
-        "loss-flow": terms["flow"],
-        "loss-landmarks": terms["landmarks"],
-        "loss-au": terms["au"],
-        "train-uf1": outcome.train_uf1,
-        "train-seconds": outcome.seconds,
-        "bytes-sent": arrays.count_bytes(),
-    }
-    return MetricRecord({p.NUM_EXAMPLES: outcome.examples, **{key: values[key] for key in p.TRAIN_METRIC_KEYS}})
-
-
-def _evaluate_metrics(spec: SiteSpec, result: Evaluation) -> MetricRecord:
-    """NUM_EXAMPLES and exactly EVALUATE_METRIC_KEYS."""
-    values = {
-        p.SITE_INDEX: spec.index,
-        "uf1": result.uf1,
-        "uar": result.uar,
-        "accuracy": result.accuracy,
-        "class-recall": result.class_recall,
-        "confusion": result.confusion,
-        "epe": result.epe,
-        "nme": result.nme,
-        "au-f1": result.au_f1,
-    }
-    return MetricRecord({p.NUM_EXAMPLES: result.examples, **{key: values[key] for key in p.EVALUATE_METRIC_KEYS}})
-
-
 # ----------------------------------------------------------------------------------------------- handlers
 
 
@@ -178,7 +145,7 @@ def train(msg: Message, context: Context) -> Message:
     if local:
         context.state[LOCAL_ARRAYS] = ArrayRecord(torch_state_dict=local)
     arrays = ArrayRecord(torch_state_dict=shared)
-    metrics = _train_metrics(spec, outcome, arrays)
+    metrics = MetricRecord(train_metrics(spec.index, outcome, arrays.count_bytes()))
     return Message(RecordDict({p.ARRAYS: arrays, p.METRICS: metrics}), reply_to=msg)
 
 
@@ -203,7 +170,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         result.uar,
         result.examples,
     )
-    return Message(RecordDict({p.METRICS: _evaluate_metrics(spec, result)}), reply_to=msg)
+    return Message(RecordDict({p.METRICS: MetricRecord(evaluate_metrics(spec.index, result))}), reply_to=msg)
 
 
 def query(msg: Message, context: Context) -> Message:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import time
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
+from typing import Any
 
 import numpy as np
 import torch
@@ -18,7 +19,8 @@ from sklearn.metrics import confusion_matrix, recall_score
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
-from client.training import Predictions, forward_batch, predict, scores, to_device
+from client import protocol
+from client.training import Predictions, predict, scores, train_epoch
 from models import F5CNet, LossWeights, MultitaskLoss
 from models.au_graph import N_AUS, cooccurrence_counts
 from partitions.action_units import au_target
@@ -135,36 +137,6 @@ class TrainOutcome:
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
-def _train_epoch(
-    model: F5CNet,
-    batches: Iterable[dict[str, Tensor]],
-    optimizer: torch.optim.Optimizer,
-    loss_fn: MultitaskLoss,
-    options: LocalTraining,
-    anchor: Mapping[str, Tensor],
-) -> tuple[dict[str, float], Predictions]:
-    """One pass; the proximal term joins the objective but not the reported loss (comparable across mu)."""
-    model.train()
-    sums = dict.fromkeys(LOSS_TERMS, 0.0)
-    predictions = Predictions()
-    steps = 0
-    for batch in batches:
-        batch = to_device(batch, torch.device(options.device))
-        optimizer.zero_grad(set_to_none=True)
-        output = forward_batch(model, batch, options.prior_weight)
-        total, terms = loss_fn(output, batch)
-        objective = total + options.mu / 2 * proximal_term(model, anchor) if anchor else total
-        objective.backward()
-        optimizer.step()
-        terms["loss"] = float(total.detach())
-        for name in LOSS_TERMS:
-            sums[name] += terms.get(name, 0.0)
-        predictions.labels += batch["label"].tolist()
-        predictions.predicted += output.logits.detach().argmax(dim=1).tolist()
-        steps += 1
-    return {name: value / max(steps, 1) for name, value in sums.items()}, predictions
-
-
 def train_local(
     model: F5CNet, dataset: Dataset, num_classes: int, options: LocalTraining, on_epoch: EpochCallback | None = None
 ) -> TrainOutcome:
@@ -180,7 +152,19 @@ def train_local(
     for epoch in range(options.epochs):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(options.first_epoch + epoch)
-        terms, predictions = _train_epoch(model, loader, optimizer, loss_fn, options, anchor)
+        predictions = Predictions()
+        penalty = (lambda: options.mu / 2 * proximal_term(model, anchor)) if anchor else None
+        means = train_epoch(
+            model,
+            loader,
+            optimizer,
+            loss_fn,
+            options.prior_weight,
+            options.device,
+            penalty=penalty,
+            predictions=predictions,
+        )
+        terms = {name: means.get(name, 0.0) for name in LOSS_TERMS}  # every site reports every key
         uf1 = scores(predictions, num_classes)["uf1"]
         if on_epoch is not None:
             on_epoch(epoch, {**terms, "train_uf1": uf1})
@@ -254,3 +238,41 @@ def au_cooccurrence(samples: Sequence[Sample]) -> tuple[Tensor, int]:
     coded = [s for s in samples if s.has_action_units]
     targets = np.stack([au_target(s) for s in coded]) if coded else np.zeros((0, N_AUS), dtype=np.float32)
     return cooccurrence_counts(torch.from_numpy(targets)), len(coded)
+
+
+# ----------------------------------------------------------------------------------------------- reported metrics
+
+
+def train_metrics(site_index: int | None, outcome: TrainOutcome, bytes_sent: int) -> dict[str, Any]:
+    """A train reply's metrics: ``num-examples`` and exactly the contract's ``TRAIN_METRIC_KEYS`` (without
+    ``site-index`` when ``site_index`` is None: a central baseline belongs to no site)."""
+    terms = outcome.terms
+    values = {
+        protocol.SITE_INDEX: site_index,
+        "loss": terms["loss"],
+        "loss-mer": terms["mer"],
+        "loss-flow": terms["flow"],
+        "loss-landmarks": terms["landmarks"],
+        "loss-au": terms["au"],
+        "train-uf1": outcome.train_uf1,
+        "train-seconds": outcome.seconds,
+        "bytes-sent": bytes_sent,
+    }
+    keys = [key for key in protocol.TRAIN_METRIC_KEYS if not (key == protocol.SITE_INDEX and site_index is None)]
+    return {protocol.NUM_EXAMPLES: outcome.examples, **{key: values[key] for key in keys}}
+
+
+def evaluate_metrics(site_index: int, result: Evaluation) -> dict[str, Any]:
+    """An evaluate reply's metrics: ``num-examples`` and exactly the contract's ``EVALUATE_METRIC_KEYS``."""
+    values = {
+        protocol.SITE_INDEX: site_index,
+        "uf1": result.uf1,
+        "uar": result.uar,
+        "accuracy": result.accuracy,
+        "class-recall": result.class_recall,
+        "confusion": result.confusion,
+        "epe": result.epe,
+        "nme": result.nme,
+        "au-f1": result.au_f1,
+    }
+    return {protocol.NUM_EXAMPLES: result.examples, **{key: values[key] for key in protocol.EVALUATE_METRIC_KEYS}}

@@ -41,20 +41,30 @@ def train_epoch(
     prior_weight: float = 0.0,
     device: torch.device | str = "cpu",
     on_step: Callable[[dict[str, float]], None] | None = None,
+    penalty: Callable[[], Tensor] | None = None,
+    predictions: Predictions | None = None,
 ) -> dict[str, float]:
-    """One pass over the batches; returns the mean of each loss term (and ``loss``, the weighted total)."""
+    """One pass over the batches; returns the mean of each loss term (and ``loss``, the weighted total).
+
+    ``penalty`` (e.g. FedProx's proximal term) joins the objective but not the reported loss, so losses stay
+    comparable across settings; ``predictions``, when given, collects the training predictions (train UF1).
+    """
     model.train()
     sums: dict[str, float] = {}
     steps = 0
     for batch in batches:
         batch = to_device(batch, torch.device(device))
         optimizer.zero_grad(set_to_none=True)
-        total, terms = loss_fn(forward_batch(model, batch, prior_weight), batch)
-        total.backward()
+        output = forward_batch(model, batch, prior_weight)
+        total, terms = loss_fn(output, batch)
+        (total + penalty() if penalty is not None else total).backward()
         optimizer.step()
         terms["loss"] = float(total.detach())
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value
+        if predictions is not None:
+            predictions.labels += batch["label"].tolist()
+            predictions.predicted += output.logits.detach().argmax(dim=1).tolist()
         steps += 1
         if on_step is not None:
             on_step(terms)

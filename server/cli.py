@@ -9,6 +9,7 @@ from __future__ import annotations
 import typer
 
 from partitions.cli import register as register_data_commands
+from server.baselines import register as register_baselines
 from server.simulate import register as register_simulation
 
 app = typer.Typer(
@@ -20,6 +21,7 @@ app = typer.Typer(
 )
 register_data_commands(app)
 register_simulation(app)
+register_baselines(app)
 
 if __name__ == "__main__":
     app()

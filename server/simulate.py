@@ -60,6 +60,20 @@ RUN_ENV = {  # set before flwr is first imported: its telemetry reads the variab
 # ----------------------------------------------------------------------------------------------- config
 
 
+# Options shared by `fedmer simulate` and `fedmer train`: one declaration each.
+ScaleOption = Annotated[
+    Scale, typer.Option("--scale", help="Synthetic subjects x clips per site: tiny 3x2, small 4x4, default 8x6")
+]
+OutOption = Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<UTC timestamp>)")]
+SeedOption = Annotated[int | None, typer.Option("--seed", help="Run seed: model init, splits, shuffling (default 0)")]
+ConfigOption = Annotated[
+    Path | None, typer.Option("--config", help="TOML file of run-config overrides (flat keys, e.g. lr = 0.0005)")
+]
+DataOption = Annotated[Path, typer.Option("--data", help="Synthetic databases (scale tiny/small: <data>-<scale>)")]
+CacheOption = Annotated[Path, typer.Option("--cache", help="Preprocessing cache")]
+DEFAULT_DATA, DEFAULT_CACHE = Path("data/synthetic"), Path("data/cache")
+
+
 def load_overrides(path: Path) -> dict[str, Any]:
     """A TOML file of flat run-config keys (``num-server-rounds = 5``); DataError for anything else."""
     if not path.is_file():
@@ -207,20 +221,12 @@ def simulate(
         str | None,
         typer.Option("--strategy", help="fedavg, fedprox, fedadam, fedmedian, krum, multikrum or personalised"),
     ] = None,
-    scale: Annotated[
-        Scale, typer.Option("--scale", help="Synthetic subjects x clips per site: tiny 3x2, small 4x4, default 8x6")
-    ] = Scale.default,
-    out: Annotated[Path | None, typer.Option("--out", help="Run directory (default runs/<UTC timestamp>)")] = None,
-    seed: Annotated[
-        int | None, typer.Option("--seed", help="Run seed: model init, splits, shuffling (default 0)")
-    ] = None,
-    config: Annotated[
-        Path | None, typer.Option("--config", help="TOML file of run-config overrides (flat keys, e.g. lr = 0.0005)")
-    ] = None,
-    data: Annotated[Path, typer.Option("--data", help="Synthetic databases (scale tiny/small: <data>-<scale>)")] = Path(
-        "data/synthetic"
-    ),
-    cache: Annotated[Path, typer.Option("--cache", help="Preprocessing cache")] = Path("data/cache"),
+    scale: ScaleOption = Scale.default,
+    out: OutOption = None,
+    seed: SeedOption = None,
+    config: ConfigOption = None,
+    data: DataOption = DEFAULT_DATA,
+    cache: CacheOption = DEFAULT_CACHE,
 ) -> None:
     """Run a federation of synthetic sites on this machine with Flower's simulation engine (Ray)."""
     options = {"num-server-rounds": rounds, "strategy": strategy, "seed": seed, "out": str(out) if out else None}
