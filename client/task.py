@@ -15,7 +15,7 @@ from typing import Any
 
 import numpy as np
 import torch
-from sklearn.metrics import confusion_matrix, recall_score
+from sklearn.metrics import confusion_matrix
 from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
@@ -201,18 +201,13 @@ def evaluate_local(
     model.to(device)
     predictions = predict(model, seeded_loader(dataset, batch_size, shuffle=False, seed=seed), device)
     result = scores(predictions, num_classes)
-    recall = (
-        recall_score(
-            predictions.labels, predictions.predicted, labels=list(range(num_classes)), average=None, zero_division=0
-        )
-        if predictions.labels
-        else np.zeros(num_classes)
-    )
     confusion = (
         confusion_matrix(predictions.labels, predictions.predicted, labels=list(range(num_classes)))
         if predictions.labels
         else np.zeros((num_classes, num_classes), dtype=np.int64)
     )
+    support = confusion.sum(axis=1)
+    recall = np.divide(np.diag(confusion), support, out=np.zeros(num_classes), where=support > 0)
     return Evaluation(
         uf1=result["uf1"],
         uar=result["uar"],

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 import numpy as np
 import torch
 from sklearn.metrics import f1_score, recall_score
-from torch import Tensor, nn
+from torch import Tensor
 
 from models.losses import MultitaskLoss, endpoint_error, landmark_error
 from models.network import F5CNet, ModelOutput
@@ -128,8 +128,3 @@ def scores(predictions: Predictions, num_classes: int) -> dict[str, float]:
 
 def evaluate(model: F5CNet, batches: Iterable[Batch], num_classes: int, device: torch.device | str = "cpu") -> dict:
     return scores(predict(model, batches, device), num_classes)
-
-
-def parameter_vector(model: nn.Module) -> Tensor:
-    """All trainable parameters flattened (for tests and update norms)."""
-    return torch.cat([p.detach().flatten() for p in model.parameters() if p.requires_grad])

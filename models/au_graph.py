@@ -37,11 +37,11 @@ from torch import Tensor, nn
 from partitions.action_units import AU_NODES
 
 from .config import AUGraphConfig
+from .landmarks import inter_ocular_distance
 
 N_AUS = len(AU_NODES)
 N_UPPER = 6  # AU1, 2, 4, 5, 6, 7 come first in AU_NODES; AU9 .. AU17 follow
 N_LANDMARKS = 68
-RIGHT_EYE_OUTER, LEFT_EYE_OUTER = 36, 45  # inter-ocular distance for the pooling windows
 MIN_INTEROCULAR = 1e-2  # floor (crop units) so degenerate landmarks give a sharp window, not a NaN
 
 
@@ -241,8 +241,7 @@ class RegionPooling(nn.Module):
         landmarks = landmarks.detach()
         h, w = size
         centres = au_region_centres(landmarks, self.region_weights.to(landmarks.dtype))  # (B, 12, 2, 2)
-        interocular = (landmarks[:, LEFT_EYE_OUTER] - landmarks[:, RIGHT_EYE_OUTER]).norm(dim=-1)
-        std = self.sigma * interocular.clamp_min(MIN_INTEROCULAR)  # (B,)
+        std = self.sigma * inter_ocular_distance(landmarks).clamp_min(MIN_INTEROCULAR)  # (B,)
         ys = (torch.arange(h, device=landmarks.device, dtype=landmarks.dtype) + 0.5) / h
         xs = (torch.arange(w, device=landmarks.device, dtype=landmarks.dtype) + 0.5) / w
         dx2 = (xs[None, None, None, None, :] - centres[..., 0, None, None]) ** 2  # (B, 12, 2, 1, w)

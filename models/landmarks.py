@@ -21,6 +21,13 @@ from .layers import norm_layer
 
 POINTS = 68  # iBUG 68-point markup
 CENTRE = 0.5  # crop centre in normalised coordinates: where untrained predictions start
+RIGHT_EYE_OUTER, LEFT_EYE_OUTER = 36, 45  # iBUG-68 outer eye corners
+
+
+def inter_ocular_distance(points: Tensor) -> Tensor:
+    """(..., 68, 2) -> (...): distance between the outer eye corners, the scale landmark errors and the AU
+    regions are measured in."""
+    return torch.linalg.vector_norm(points[..., LEFT_EYE_OUTER, :] - points[..., RIGHT_EYE_OUTER, :], dim=-1)
 
 
 class LandmarkHead(nn.Module):

@@ -14,9 +14,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .landmarks import inter_ocular_distance
 from .network import ModelOutput
-
-LEFT_EYE_OUTER, RIGHT_EYE_OUTER = 36, 45  # iBUG-68 points that define the inter-ocular distance
 
 
 @dataclass(frozen=True)
@@ -41,8 +40,7 @@ def landmark_error(predicted: Tensor, target: Tensor, norm: str = "l1") -> Tenso
     """
     difference = predicted - target
     per_point = difference.abs().sum(-1) if norm == "l1" else torch.linalg.vector_norm(difference, dim=-1)
-    inter_ocular = torch.linalg.vector_norm(target[..., LEFT_EYE_OUTER, :] - target[..., RIGHT_EYE_OUTER, :], dim=-1)
-    return (per_point.mean(-1) / inter_ocular.clamp_min(1e-6)).flatten(1).mean(dim=1)
+    return (per_point.mean(-1) / inter_ocular_distance(target).clamp_min(1e-6)).flatten(1).mean(dim=1)
 
 
 def balanced_class_weights(targets: Sequence[int], num_classes: int) -> Tensor:

@@ -88,7 +88,3 @@ class F5CNet(nn.Module):
 def build_model(config: ModelConfig | None = None) -> F5CNet:
     """The whole network from a plain config (``models.config.preset(...)`` for the presets)."""
     return F5CNet(config or ModelConfig())
-
-
-def count_parameters(model: nn.Module) -> int:
-    return sum(p.numel() for p in model.parameters() if p.requires_grad)

@@ -50,6 +50,7 @@ from client.protocol import (
 )
 from client.site import DEFAULT_LABELS, RunSettings, num_classes
 from client.task import check_prefixes, split_state
+from client.training import Predictions, scores
 from models import build_model
 from partitions.adapters import ADAPTERS, canonical_database
 from partitions.errors import DataError
@@ -331,11 +332,9 @@ def train_config(settings: ServerSettings) -> ConfigRecord:
 
 
 def pooled_scores(confusions: Sequence[Sequence[int | float]]) -> dict[str, float | None]:
-    """UF1 and UAR of the summed confusion matrices (rows = true class; each flattened row-major).
-
-    UF1 is the mean over all C classes of ``2 TP / (2 TP + FP + FN)`` (0 for a class never true nor predicted),
-    UAR the mean recall over the classes with test samples: the conventions of :func:`client.training.scores`,
-    applied to all sites' clips at once. None for both without any matrix or sample.
+    """UF1 and UAR of the summed confusion matrices (rows = true class; each flattened row-major), scored by
+    :func:`client.training.scores` on the clips the summed matrix stands for: all sites' clips at once, as in
+    MEGC2019. None for both without any matrix or sample.
     """
     if not confusions:
         return {"uf1": None, "uar": None}
@@ -343,15 +342,13 @@ def pooled_scores(confusions: Sequence[Sequence[int | float]]) -> dict[str, floa
     classes = math.isqrt(next(iter(sizes)))
     if len(sizes) != 1 or classes * classes != next(iter(sizes)) or classes == 0:
         raise ValueError(f"confusion matrices must be CxC and of one size, got lengths {sorted(sizes)}")
-    total = np.sum([np.asarray(m, dtype=np.float64).reshape(classes, classes) for m in confusions], axis=0)
-    hits = np.diag(total)
-    support, predicted = total.sum(axis=1), total.sum(axis=0)
-    if support.sum() == 0:
+    counts = np.sum([np.asarray(m, dtype=np.int64) for m in confusions], axis=0)
+    if counts.sum() == 0:
         return {"uf1": None, "uar": None}
-    denominator = support + predicted
-    f1 = np.divide(2 * hits, denominator, out=np.zeros(classes), where=denominator > 0)
-    present = support > 0
-    return {"uf1": float(f1.mean()), "uar": float((hits[present] / support[present]).mean())}
+    true, predicted = np.divmod(np.arange(classes * classes), classes)
+    clips = Predictions(labels=np.repeat(true, counts).tolist(), predicted=np.repeat(predicted, counts).tolist())
+    result = scores(clips, classes)
+    return {"uf1": result["uf1"], "uar": result["uar"]}
 
 
 def last_evaluation(strategy: Strategy, rounds: int) -> dict[int, dict[str, Any]]:
