@@ -5,7 +5,8 @@ leave-one-subject-out, and splitting by sample so that one subject lands in
 train and test is a known pitfall; every split here groups by subject, so a
 subject is never on both sides. Subjects are keyed ``database/subject`` so
 samples pooled from several sites never merge two people who share an id.
-Splits return index arrays into the sample list they were given.
+Splits return index arrays into the sample list they were given; :func:`site_loso_folds` takes several
+sites' lists (MEGC2019's composite evaluation) and returns indices into each.
 """
 
 from __future__ import annotations
@@ -27,6 +28,17 @@ class Fold:
     train: np.ndarray
     test: np.ndarray
     test_subjects: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class SiteFold:
+    """One leave-one-subject-out fold over several sites: per site, the indices of its training samples."""
+
+    index: int
+    site: int  # position of the held-out subject's site in the list of sites
+    subject: str  # the held-out subject, as its site names it
+    train: tuple[np.ndarray, ...]  # one array per site, indices into that site's samples
+    test: np.ndarray  # indices into the held-out subject's site's samples
 
 
 @dataclass(frozen=True)
@@ -60,15 +72,42 @@ def _fold(number: int, groups: dict[str, np.ndarray], held_out: Sequence[str]) -
     )
 
 
+def _check_loso(subjects: int) -> None:
+    if subjects < 2:
+        raise DataError(
+            f"leave-one-subject-out needs at least 2 subjects, the samples hold {subjects}. "
+            f"Add subjects to the site or evaluate on another site."
+        )
+
+
+def _each_subject(groups: dict[str, np.ndarray]) -> list[Fold]:
+    """One fold per subject of ``groups``, in their (sorted) order."""
+    return [_fold(i, groups, [subject]) for i, subject in enumerate(groups)]
+
+
 def loso_folds(samples: Sequence[Sample]) -> list[Fold]:
     """One fold per subject, in sorted subject order (no seed: LOSO has a single answer)."""
     groups = subject_groups(samples)
-    if len(groups) < 2:
-        raise DataError(
-            f"leave-one-subject-out needs at least 2 subjects, the samples hold {len(groups)}. "
-            f"Add subjects to the site or evaluate on another site."
-        )
-    return [_fold(i, groups, [subject]) for i, subject in enumerate(groups)]
+    _check_loso(len(groups))
+    return _each_subject(groups)
+
+
+def site_loso_folds(sites: Sequence[Sequence[Sample]]) -> list[SiteFold]:
+    """Leave-one-subject-out over several sites at once (MEGC2019 composite): one fold per subject of every site,
+    sites in order and subjects sorted within a site; a fold trains on every other subject of every site.
+
+    Subjects are told apart by site, so two sites of one database never merge two people; one site alone gives
+    :func:`loso_folds`'s folds. A site may hold a single subject as long as the sites hold two together.
+    """
+    groups = [subject_groups(samples) for samples in sites]
+    _check_loso(sum(len(site) for site in groups))
+    everything = [np.arange(len(samples), dtype=np.int64) for samples in sites]
+    folds: list[SiteFold] = []
+    for position, (samples, site) in enumerate(zip(sites, groups, strict=True)):
+        for fold in _each_subject(site):
+            train = tuple(fold.train if other == position else whole for other, whole in enumerate(everything))
+            folds.append(SiteFold(len(folds), position, samples[fold.test[0]].subject, train, fold.test))
+    return folds
 
 
 def subject_k_folds(samples: Sequence[Sample], k: int, seed: int = 0) -> list[Fold]:

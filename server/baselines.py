@@ -22,7 +22,7 @@ Flower engine, no Ray.
 
 Records (:class:`server.records.RunDirectory`), as the federation writes them:
 
-- ``config.json``: the resolved run config with ``mode`` added and ``strategy`` set to the mode;
+- ``config.json``: the resolved run config with ``mode`` and ``protocol`` added and ``strategy`` set to the mode;
 - ``metrics.jsonl``: per round, the train line(s) with the contract's ``TRAIN_METRIC_KEYS`` (central: one line
   for site ``central``, without ``site-index``; local: one per site; ``bytes-sent`` is 0, nothing leaves a
   site) and one evaluate line per site with ``EVALUATE_METRIC_KEYS`` (confusion matrix included);
@@ -33,6 +33,23 @@ Records (:class:`server.records.RunDirectory`), as the federation writes them:
 
 The console gets one line per round (central, UF1 pooled over the sites) or per round and site (local): the
 round's training loss, test UF1 and training seconds.
+
+``--protocol loso`` replaces the subject-held-out split by leave-one-subject-out (datasets.md, "Protocols";
+folds from :func:`partitions.splits.site_loso_folds`): central holds out each subject of every site in turn and
+trains on every other subject of every site (MEGC2019's composite evaluation); local does the same within each
+site (``test-fraction`` and ``val-fraction`` play no part). Every fold's network starts from the same initial
+weights and trains the same rounds x ``local-epochs`` budget as a holdout run, with the same seeds.
+
+No model selection on test subjects: the budget is fixed, nothing is scored before the last round, and the last
+round's network predicts its held-out subject once (choosing the epoch on the test subject inflates UF1 by 6 to
+14 points). UF1 / UAR are computed once on the predictions pooled over the folds, from the summed confusion
+matrices (:func:`server.server_app.pooled_scores`): per site over its subjects' folds, pooled over every fold;
+accuracy, EPE and NME are means over clips. Records: the same files, with a ``fold`` (``site/subject``) in every
+train line (one per fold and round) and evaluate line (one per fold, at the last round), ``protocol`` and
+``folds`` added to ``summary.json``, each fold's last network in
+``checkpoints/<site>/<subject>/round-NNNN.safetensors``, and no ``rounds.png`` (its per-round curves describe
+one network; LOSO trains one per fold). Federated LOSO is not offered: a federation per subject is too costly
+on this CPU.
 """
 
 from __future__ import annotations
@@ -66,11 +83,13 @@ from server.simulate import (
 )
 
 if TYPE_CHECKING:  # torch and the model stack load only when a run starts: `fedmer --help` stays fast
-    from client.site import SiteData
-    from client.task import LocalTraining
+    from client.site import SiteData, SiteSpec
+    from client.task import Evaluation, LocalTraining
     from models import F5CNet
     from partitions.dataset import ClipDataset
+    from partitions.labels import LabelledSite
     from partitions.records import Sample
+    from partitions.splits import SiteFold
     from server.records import RunDirectory
     from server.server_app import ServerSettings
 
@@ -80,6 +99,8 @@ CENTRAL_SITE = "central"
 """How central's train lines name their site (the union of all sites)."""
 
 TRAIN, EVALUATE = "train", "evaluate"  # the phases of metrics.jsonl (server.strategies.TRAIN / EVALUATE)
+FOLD = "fold"
+"""The metrics.jsonl key of a LOSO line: the fold's held-out subject, ``site/subject``."""
 
 
 class Mode(StrEnum):
@@ -87,6 +108,13 @@ class Mode(StrEnum):
 
     central = "central"
     local = "local"
+
+
+class Protocol(StrEnum):
+    """Which clips are scored: each site's held-out subjects (as the federation), or every subject in turn."""
+
+    holdout = "holdout"
+    loso = "loso"
 
 
 # ----------------------------------------------------------------------------------------------- pieces
@@ -281,25 +309,204 @@ def train_local_sites(
             _progress(console_out, server_round, settings.rounds, site, metrics["loss"], result.uf1, outcome.seconds)
 
 
-def run_baseline(config: Mapping[str, Any], mode: Mode | str, console_out: Console | None = None) -> Path:
+# ----------------------------------------------------------------------------------------------- LOSO
+
+
+@dataclass(frozen=True)
+class LosoFold:
+    """One leave-one-subject-out fold: the clips its network trains on and its held-out subject's clips."""
+
+    name: str  # the held-out subject, "site/subject"
+    site_index: int  # the held-out subject's site
+    trainer: int | None  # the site whose network trains (local), None for central (the union of the sites)
+    train: SiteUnion
+    test: ClipDataset
+    device: str
+
+
+@dataclass(frozen=True)
+class WholeSite:
+    """A site and all its labelled samples: LOSO splits them itself, without the holdout split (a site of one
+    subject, which no holdout can split, still serves central LOSO)."""
+
+    spec: SiteSpec
+    site: LabelledSite
+
+
+def load_whole_sites(settings: ServerSettings) -> list[WholeSite]:
+    """Every site of the run, read as the federation's node for partition ``i`` reads it (before splitting)."""
+    from client.site import SiteSpec
+    from partitions.labels import load_site
+
+    sites = []
+    for index in range(len(settings.sites)):
+        spec = SiteSpec.from_config({"partition-id": index}, settings.config)
+        try:
+            sites.append(WholeSite(spec, load_site(spec.dataset, spec.root, labels=spec.labels, subset=spec.subset)))
+        except DataError as error:
+            raise DataError(f"{spec.label}: {error}") from None
+    return sites
+
+
+def _clips(data: WholeSite, indices: Sequence[int], train: bool, seed: int) -> ClipDataset:
+    """Prepared clips of ``data``'s samples at ``indices``, as :func:`client.site.load_data` opens a split."""
+    from partitions.dataset import ClipDataset
+
+    options = {"train": True, "seed": seed + data.spec.index} if train else {"train": False}
+    try:
+        return ClipDataset.from_site(data.site, list(indices), data.spec.cache, **options)
+    except DataError as error:
+        raise DataError(f"{data.spec.label}: {error}") from None
+
+
+def fold_data(settings: ServerSettings, members: Sequence[WholeSite], fold: SiteFold, trainer: int | None) -> LosoFold:
+    """A fold of :func:`partitions.splits.site_loso_folds` over ``members`` as datasets."""
+    seed = settings.run.seed
+    held = members[fold.site]
+    parts = [
+        _clips(data, indices, True, seed) for data, indices in zip(members, fold.train, strict=True) if len(indices)
+    ]
+    return LosoFold(
+        name=f"{settings.site_name(held.spec.index)}/{fold.subject}",
+        site_index=held.spec.index,
+        trainer=trainer,
+        train=SiteUnion(parts),
+        test=_clips(held, fold.test, False, seed),
+        device=held.spec.device,
+    )
+
+
+def build_loso_folds(settings: ServerSettings, sites: Sequence[WholeSite], mode: Mode) -> list[LosoFold]:
+    """Central: one fold per subject of every site over the union of the sites; local: the folds of each site
+    alone, site by site. DataError naming the site when a local site holds fewer than 2 subjects."""
+    from partitions.splits import site_loso_folds
+
+    groups = [(list(sites), None)] if mode is Mode.central else [([data], data.spec.index) for data in sites]
+    folds = []
+    for members, trainer in groups:
+        try:
+            splits = site_loso_folds([data.site.samples for data in members])
+        except DataError as error:
+            where = "the sites together" if trainer is None else members[0].spec.label
+            raise DataError(f"--protocol loso, {where}: {error}") from None
+        folds += [fold_data(settings, members, fold, trainer) for fold in splits]
+    return folds
+
+
+def train_fold(
+    settings: ServerSettings, fold: LosoFold, start: F5CNet, run: RunDirectory, console_out: Console, number: str
+) -> Evaluation:
+    """One fold: a copy of the initial network trained for the whole budget on the fold's training clips, then
+    its held-out subject predicted once (no score before the last round, nothing selected on it)."""
+    from client.task import evaluate_local, evaluate_metrics, set_au_prior, train_local, train_metrics
+
+    model = copy.deepcopy(start)
+    set_au_prior(model, au_prior([part.samples for part in fold.train.parts]))
+    trainer = CENTRAL_SITE if fold.trainer is None else settings.site_name(fold.trainer)
+    for server_round in range(1, settings.rounds + 1):
+        options = round_training(settings, fold.trainer or 0, server_round, fold.device)  # central seeds as site 0
+        outcome = train_local(model, fold.train, settings.classes, options)
+        metrics = {**train_metrics(fold.trainer, outcome, bytes_sent=0), FOLD: fold.name}
+        run.append_metrics(server_round, TRAIN, trainer, metrics)
+        console_out.print(
+            f"fold {number}  {fold.name:<14} round {server_round}/{settings.rounds}  {trainer:<10} "
+            f"loss {metrics['loss']:.4f}  {outcome.seconds:.1f}s",
+            highlight=False,
+        )
+    seed = settings.run.seed + fold.site_index + settings.rounds
+    result = evaluate_local(model, fold.test, settings.classes, settings.run.batch_size, fold.device, seed=seed)
+    evaluation = {**evaluate_metrics(fold.site_index, result), FOLD: fold.name}
+    run.append_metrics(settings.rounds, EVALUATE, settings.site_name(fold.site_index), evaluation)
+    save_site_checkpoint(run, fold.name, settings.rounds, model)
+    return result
+
+
+def _clip_mean(results: Sequence[Evaluation], key: str) -> float | None:
+    """Mean over every clip of the folds of a per-fold mean (accuracy, EPE, NME); None without clips."""
+    clips = sum(result.examples for result in results)
+    return sum(getattr(result, key) * result.examples for result in results) / clips if clips else None
+
+
+def pooled_site_scores(results: Sequence[Evaluation]) -> dict[str, float | None]:
+    """A summary row from several folds' predictions: UF1 / UAR once on all their clips, the rest per clip."""
+    from server.server_app import pooled_scores
+
+    return {
+        **pooled_scores([result.confusion for result in results]),
+        **{key: _clip_mean(results, key) for key in ("accuracy", "epe", "nme")},
+    }
+
+
+def write_loso_results(
+    run: RunDirectory, settings: ServerSettings, results: Sequence[tuple[int, Evaluation]], console_out: Console
+) -> None:
+    """``summary.json`` over the pooled predictions of all folds (per site: its subjects' folds), the table."""
+    from server.records import site_table, summary_document
+    from server.server_app import pooled_scores
+
+    sites = {
+        settings.site_name(index): pooled_site_scores([result for site, result in results if site == index])
+        for index in range(len(settings.sites))
+    }
+    pooled = pooled_scores([result.confusion for _, result in results])
+    run.write_summary(settings.rounds, sites, pooled, extra={"protocol": Protocol.loso.value, "folds": len(results)})
+    console_out.print(site_table(summary_document(settings.rounds, sites, pooled)))
+    console_out.print(f"scores pooled over the predictions of {len(results)} LOSO folds", highlight=False)
+    console_out.print(f"run directory: {run.path}", highlight=False)
+
+
+def train_loso(
+    settings: ServerSettings, folds: Sequence[LosoFold], run: RunDirectory, console_out: Console
+) -> list[tuple[int, Evaluation]]:
+    """Every fold in turn from the same initial network; each fold's held-out site and predictions."""
+    start = initial_model(settings)
+    results = []
+    for number, fold in enumerate(folds, start=1):
+        result = train_fold(settings, fold, start, run, console_out, f"{number}/{len(folds)}")
+        results.append((fold.site_index, result))
+        running = pooled_site_scores([evaluation for _, evaluation in results])
+        console_out.print(
+            f"fold {number}/{len(folds)}  {fold.name:<14} {result.examples} clip(s), accuracy {result.accuracy:.4f}, "
+            f"pooled UF1 so far {_uf1(running['uf1']):.4f}",
+            highlight=False,
+        )
+    return results
+
+
+# ----------------------------------------------------------------------------------------------- a run
+
+
+def run_baseline(
+    config: Mapping[str, Any],
+    mode: Mode | str,
+    console_out: Console | None = None,
+    protocol: Protocol | str = Protocol.holdout,
+) -> Path:
     """One whole baseline run on a resolved config whose sites are prepared; returns the run directory.
 
-    DataError (before anything is written) for a bad setting or a site that is not prepared.
+    DataError (before anything is written) for a bad setting, a site that is not prepared, or (LOSO) too few
+    subjects.
     """
     from server.records import RunDirectory
     from server.server_app import resolve_settings, write_results
 
-    mode = Mode(mode)
+    mode, protocol = Mode(mode), Protocol(protocol)
     console_out = console_out or Console()
     settings = resolve_settings(config)
-    sites = load_sites(settings)
+    loso = protocol is Protocol.loso
+    folds = build_loso_folds(settings, load_whole_sites(settings), mode) if loso else []
+    sites = [] if loso else load_sites(settings)
     run = RunDirectory(settings.out)
-    run.write_config({**settings.config, "strategy": mode.value, "mode": mode.value})
+    run.write_config({**settings.config, "strategy": mode.value, "mode": mode.value, "protocol": protocol.value})
+    split = f"loso ({len(folds)} folds)" if loso else protocol.value
     console_out.print(
-        f"fedmer train: {mode.value}, {settings.rounds} rounds of {settings.run.local_epochs} epoch(s), sites "
-        f"{', '.join(settings.site_names)}; records in {run.path}",
+        f"fedmer train: {mode.value}, {split}, {settings.rounds} rounds of {settings.run.local_epochs} epoch(s), "
+        f"sites {', '.join(settings.site_names)}; records in {run.path}",
         highlight=False,
     )
+    if loso:
+        write_loso_results(run, settings, train_loso(settings, folds, run, console_out), console_out)
+        return run.path
     ledger = Ledger()
     train = train_central if mode is Mode.central else train_local_sites
     train(settings, sites, run, ledger, console_out)
@@ -317,8 +524,20 @@ def train(
     ],
     rounds: Annotated[
         int | None,
-        typer.Option("--rounds", min=1, help="Rounds of local-epochs epochs, each ending in an evaluation (default 3)"),
+        typer.Option(
+            "--rounds",
+            min=1,
+            help="Rounds of local-epochs epochs (default 3); holdout evaluates after each, loso after the last",
+        ),
     ] = None,
+    protocol: Annotated[
+        Protocol,
+        typer.Option(
+            "--protocol",
+            help="holdout: the federation's held-out test subjects per site; loso: leave-one-subject-out over every "
+            "subject (central: of all sites, MEGC2019 composite; local: within each site), scores pooled over folds",
+        ),
+    ] = Protocol.holdout,
     scale: ScaleOption = Scale.default,
     out: OutOption = None,
     seed: SeedOption = None,
@@ -327,7 +546,8 @@ def train(
     cache: CacheOption = DEFAULT_CACHE,
 ) -> None:
     """Train the federation's network without federation: on the union of the synthetic sites (central) or on each
-    site alone (local), with the same splits and run-directory records as `fedmer simulate`."""
+    site alone (local), with the same splits and run-directory records as `fedmer simulate`, or leave-one-subject-out
+    (--protocol loso)."""
     options = {"num-server-rounds": rounds, "seed": seed, "out": str(out) if out else None}
     try:
         with simulation_environment():  # Flower's quiet settings before flwr is first imported
@@ -337,7 +557,7 @@ def train(
             resolve_settings(resolved)  # a bad site or number stops here, before any data
             check_out(Path(resolved["out"]))
             prepare_data(resolved, scale)
-            run_baseline(resolved, mode, Console())
+            run_baseline(resolved, mode, Console(), protocol)
     except DataError as error:
         raise fail(error) from None
 

@@ -1,27 +1,30 @@
 """``fedmer train --mode central|local`` on a tiny synthetic federation of two sites: the records the federation
-writes, the federation's splits, reproducibility, and refusals of bad input."""
+writes, the federation's splits, reproducibility, leave-one-subject-out (``--protocol loso``), and refusals of bad
+input."""
 
 from __future__ import annotations
 
 import json
 from collections.abc import Iterator
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import pytest
 import torch
+from conftest import TinySites
 from typer.testing import CliRunner
 
 import client.task
 from client.protocol import EVALUATE_METRIC_KEYS, NUM_EXAMPLES, SITE_INDEX, TRAIN_METRIC_KEYS
 from client.site import RunSettings, SiteSpec, SplitSettings, load_data, num_classes
 from models import build_model
+from partitions.labels import load_site
+from partitions.splits import subject_groups
 from server.cli import app
 from server.records import POOLED_KEYS, SITE_KEYS, load_checkpoint, load_metrics, load_summary
 from server.server_app import pooled_scores
-from server.simulate import Scale, prepare_data, simulation_config
 
 SITES = ("casme2", "samm")  # the two smallest tiny sites: the runs stay short
 
@@ -58,10 +61,11 @@ class Federation:
 
 @dataclass
 class Seen:
-    """Subjects of every dataset the run trained on and evaluated, in call order."""
+    """Subjects of every dataset the run trained on and evaluated, and the clips it evaluated, in call order."""
 
     trained: list[set[tuple[str, str]]] = field(default_factory=list)
     evaluated: list[set[tuple[str, str]]] = field(default_factory=list)
+    evaluated_clips: list[list[str]] = field(default_factory=list)
 
 
 @dataclass
@@ -72,40 +76,40 @@ class Run:
 
 
 @pytest.fixture(scope="module")
-def federation(tmp_path_factory: pytest.TempPathFactory) -> Federation:
+def federation(tiny_sites: TinySites, tmp_path_factory: pytest.TempPathFactory) -> Federation:
+    """Two of the session's tiny sites, with a config file of their own."""
     root = tmp_path_factory.mktemp("baselines")
-    data, cache = root / "synthetic", root / "cache"
     config_file = root / "settings.toml"
     config_file.write_text(f'sites = "{",".join(SITES)}"\nlocal-epochs = 1\nbatch-size = 8\n')
-    config = simulation_config(
-        scale=Scale.tiny, data=data, cache=cache, config_file=config_file, options={"out": str(root / "unused")}
-    )
-    prepare_data(config, Scale.tiny)
-    return Federation(data, cache, config_file, config)
+    config = tiny_sites.config(config_file, out=str(root / "unused"))
+    return Federation(tiny_sites.data, tiny_sites.cache, config_file, config)
 
 
 def _subjects(samples: list) -> set[tuple[str, str]]:
     return {(sample.database, sample.subject) for sample in samples}
 
 
-def _invoke(federation: Federation, mode: str, out: Path) -> Run:
+def _invoke(federation: Federation, mode: str, out: Path, *extra: str, train: bool = True) -> Run:
     """The command in this process, with train_local / evaluate_local watched (the baselines look them up in
-    client.task at run time)."""
+    client.task at run time); ``train=False`` skips the training itself (a test of which clips train)."""
     seen = Seen()
     train_local, evaluate_local = client.task.train_local, client.task.evaluate_local
 
     def watch_train(model: Any, dataset: Any, *args: Any, **kwargs: Any) -> Any:
         seen.trained.append(_subjects(dataset.samples))
+        if not train:
+            return client.task.TrainOutcome(dict.fromkeys(client.task.LOSS_TERMS, 0.0), 0.0, 0.0, len(dataset))
         return train_local(model, dataset, *args, **kwargs)
 
     def watch_evaluate(model: Any, dataset: Any, *args: Any, **kwargs: Any) -> Any:
         seen.evaluated.append(_subjects(dataset.samples))
+        seen.evaluated_clips.append([sample.key for sample in dataset.samples])
         return evaluate_local(model, dataset, *args, **kwargs)
 
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(client.task, "train_local", watch_train)
         patch.setattr(client.task, "evaluate_local", watch_evaluate)
-        result = CliRunner().invoke(app, federation.arguments(mode, out))
+        result = CliRunner().invoke(app, federation.arguments(mode, out, *extra))
     assert result.exit_code == 0, result.output
     return Run(out, result.output, seen)
 
@@ -132,7 +136,8 @@ def _check_records(run: Run, federation: Federation, mode: str) -> list[dict[str
     """What both modes write: config, one evaluate line per site, summary schema and pooling, table, plot."""
     out = run.path
     config = json.loads((out / "config.json").read_text())
-    assert config == {**federation.config, "num-server-rounds": 1, "out": str(out), "strategy": mode, "mode": mode}
+    expected = {**federation.config, "num-server-rounds": 1, "out": str(out), "strategy": mode, "mode": mode}
+    assert config == {**expected, "protocol": "holdout"}
     assert config["sites"] == ",".join(SITES)
 
     records = load_metrics(out / "metrics.jsonl")
@@ -200,7 +205,8 @@ def test_two_central_runs_with_one_seed_give_the_same_results(
     assert load_summary(again.path / "summary.json") == load_summary(central.path / "summary.json")
 
     def stable(path: Path) -> list[dict[str, Any]]:
-        return [{k: v for k, v in r.items() if k != "train-seconds"} for r in load_metrics(path / "metrics.jsonl")]
+        timings = ("train-seconds", "evaluate-seconds")
+        return [{k: v for k, v in r.items() if k not in timings} for r in load_metrics(path / "metrics.jsonl")]
 
     assert stable(again.path) == stable(central.path)
     _, first = load_checkpoint(central.path / "checkpoints" / "round-0001.safetensors")
@@ -240,6 +246,128 @@ def test_local_trains_one_network_per_site_and_writes_the_federation_records(
         assert sum(line.startswith(f"round 1/1  {site} ") for line in lines) == 1
 
 
+# ----------------------------------------------------------------------------------------------- LOSO
+
+
+def _subset(federation: Federation, path: Path, subjects: dict[str, int]) -> Path:
+    """A sample list (``subset``) keeping, per site, its ``subjects[site]`` subjects with the fewest clips."""
+    rows = []
+    for site, count in subjects.items():
+        labelled = load_site(site, Path(federation.config["data-root"]) / site, labels="composite3")
+        groups = subject_groups(labelled.samples)
+        for key in sorted(groups, key=lambda key: (len(groups[key]), key))[:count]:
+            for index in groups[key]:
+                sample = labelled.samples[index]
+                rows.append(f"{site},{sample.subject},{sample.clip_id},{labelled.targets[index]}\n")
+    path.write_text("".join(rows))
+    return path
+
+
+def _restricted(federation: Federation, root: Path, subjects: dict[str, int]) -> Federation:
+    """The federation with a config file whose ``subset`` keeps ``subjects[site]`` subjects of each site."""
+    subset = _subset(federation, root / "subset.csv", subjects)
+    config_file = root / "settings.toml"
+    config_file.write_text(f'{federation.config_file.read_text()}subset = "{subset}"\n')
+    return replace(federation, config_file=config_file, config={**federation.config, "subset": str(subset)})
+
+
+@pytest.fixture(scope="module")
+def loso_federation(federation: Federation, tmp_path_factory: pytest.TempPathFactory) -> Federation:
+    """Two subjects per site: the fewest that leave every local fold a training subject, so 4 folds in all."""
+    return _restricted(federation, tmp_path_factory.mktemp("loso"), dict.fromkeys(SITES, 2))
+
+
+@pytest.fixture(scope="module")
+def loso_clips(loso_federation: Federation) -> dict[str, list]:
+    """Site -> its samples under the subset list, as the run reads them."""
+    settings = RunSettings.from_config(loso_federation.config)
+    specs = [SiteSpec.from_config({"partition-id": index}, loso_federation.config) for index in range(len(SITES))]
+    return {spec.dataset: load_data.__wrapped__(spec, SplitSettings.of(settings)).site.samples for spec in specs}
+
+
+def _clip_mean(lines: list[dict[str, Any]], key: str) -> float:
+    return sum(line[key] * line[NUM_EXAMPLES] for line in lines) / sum(line[NUM_EXAMPLES] for line in lines)
+
+
+def _check_loso_records(run: Run, federation: Federation, clips: dict[str, list], mode: str) -> list[dict[str, Any]]:
+    """What both modes write: one fold per subject, its held-out clips predicted once, scores pooled over folds."""
+    out = run.path
+    expected = {**federation.config, "num-server-rounds": 1, "out": str(out), "strategy": mode, "mode": mode}
+    assert json.loads((out / "config.json").read_text()) == {**expected, "protocol": "loso"}
+
+    folds = [f"{site}/{subject}" for site in SITES for subject in sorted({s.subject for s in clips[site]})]
+    assert len(folds) == 4
+    records = load_metrics(out / "metrics.jsonl")
+    evaluations = [r for r in records if r["phase"] == "evaluate"]
+    assert [(r["round"], r["site"], r[SITE_INDEX], r["fold"]) for r in evaluations] == [
+        (1, fold.split("/")[0], SITES.index(fold.split("/")[0]), fold) for fold in folds
+    ]
+    assert [r["fold"] for r in records if r["phase"] == "train"] == folds  # one round per fold
+
+    # every held-out clip is predicted exactly once, by the fold that holds out its subject
+    everything = sorted(sample.key for site in SITES for sample in clips[site])
+    assert sorted(key for keys in run.seen.evaluated_clips for key in keys) == everything
+    assert [{f"{site}/{subject}" for site, subject in held} for held in run.seen.evaluated] == [{f} for f in folds]
+    assert sum(r[NUM_EXAMPLES] for r in evaluations) == len(everything)
+    for record in evaluations:
+        assert np.array(record["confusion"]).sum() == record[NUM_EXAMPLES]
+
+    # summary: MEGC2019 pooling over every fold's predictions, per site over its subjects' folds
+    document = json.loads((out / "summary.json").read_text())
+    assert {k: document[k] for k in ("rounds", "protocol", "folds")} == {"rounds": 1, "protocol": "loso", "folds": 4}
+    assert {k: document[k] for k in ("rounds", "sites", "pooled")} == load_summary(out / "summary.json")
+    pooled = pooled_scores([r["confusion"] for r in evaluations])
+    assert document["pooled"] == {key: round(pooled[key], 4) for key in POOLED_KEYS}
+    for site in SITES:
+        lines = [r for r in evaluations if r["site"] == site]
+        scores = pooled_scores([r["confusion"] for r in lines])
+        means = {key: _clip_mean(lines, key) for key in ("accuracy", "epe", "nme")}
+        assert document["sites"][site] == {key: round({**scores, **means}[key], 4) for key in SITE_KEYS}
+
+    for fold in folds:  # the last round's network of every fold
+        assert load_checkpoint(out / "checkpoints" / fold / "round-0001.safetensors")[0] == 1
+    assert not (out / "rounds.png").exists()
+    lines = run.output.splitlines()
+    assert [sum(line.startswith(f"fold {n}/4 ") for line in lines) for n in (1, 2, 3, 4)] == [2, 2, 2, 2]
+    assert f"run directory: {out}" in " ".join(run.output.split())
+    return records
+
+
+def test_central_loso_holds_out_every_subject_of_every_site_once_and_pools_the_folds(
+    loso_federation: Federation, loso_clips: dict[str, list], tmp_path: Path
+) -> None:
+    run = _invoke(loso_federation, "central", tmp_path / "run", "--protocol", "loso")
+    records = _check_loso_records(run, loso_federation, loso_clips, "central")
+    assert all(r["site"] == "central" and SITE_INDEX not in r for r in records if r["phase"] == "train")
+    everyone = {(sample.database, sample.subject) for site in SITES for sample in loso_clips[site]}
+    assert len(run.seen.trained) == len(run.seen.evaluated) == 4
+    for trained, held in zip(run.seen.trained, run.seen.evaluated, strict=True):
+        assert trained == everyone - held  # every other subject of every site, never the held-out one
+
+
+def test_local_loso_holds_out_each_subject_within_its_own_site(
+    loso_federation: Federation, loso_clips: dict[str, list], tmp_path: Path
+) -> None:
+    """Which clips each fold trains on and predicts (the training itself is skipped: central's test runs it)."""
+    run = _invoke(loso_federation, "local", tmp_path / "run", "--protocol", "loso", train=False)
+    records = _check_loso_records(run, loso_federation, loso_clips, "local")
+    for record in (r for r in records if r["phase"] == "train"):  # the held-out subject's site trains
+        assert record["site"] == record["fold"].split("/")[0] and record[SITE_INDEX] == SITES.index(record["site"])
+    for trained, held in zip(run.seen.trained, run.seen.evaluated, strict=True):
+        ((site, _subject),) = held
+        own = {(sample.database, sample.subject) for sample in loso_clips[site]}
+        assert trained == own - held
+
+
+def test_local_loso_refuses_a_site_with_one_subject(federation: Federation, tmp_path: Path) -> None:
+    single = _restricted(federation, tmp_path, {"casme2": 2, "samm": 1})
+    result = CliRunner().invoke(app, single.arguments("local", tmp_path / "run", "--protocol", "loso"))
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert "site 1 (samm" in flat and "at least 2 subjects" in flat and "Traceback" not in flat
+    assert not (tmp_path / "run").exists()
+
+
 # ----------------------------------------------------------------------------------------------- bad input
 
 
@@ -248,6 +376,14 @@ def test_an_unknown_mode_exits_2_naming_the_choices(federation: Federation, tmp_
     assert result.exit_code == 2, result.output
     flat = " ".join(result.output.split())
     assert "'nope'" in flat and "central" in flat and "local" in flat and "Traceback" not in flat
+    assert not (tmp_path / "run").exists()
+
+
+def test_an_unknown_protocol_exits_2_naming_the_choices(federation: Federation, tmp_path: Path) -> None:
+    result = CliRunner().invoke(app, federation.arguments("central", tmp_path / "run", "--protocol", "nope"))
+    assert result.exit_code == 2, result.output
+    flat = " ".join(result.output.split())
+    assert "'nope'" in flat and "holdout" in flat and "loso" in flat and "Traceback" not in flat
     assert not (tmp_path / "run").exists()
 
 

@@ -10,6 +10,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from conftest import TinySites
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, Metadata, RecordDict
 from torch import nn
 from torch.utils.data import Dataset
@@ -21,24 +22,19 @@ from client.site import RunSettings, SiteSpec, SplitSettings, load_data, num_cla
 from client.task import TrainOutcome
 from models import build_model
 from partitions.action_units import AU_NODES
-from partitions.cache import prepare_site
 from partitions.errors import DataError
-from partitions.synth.writer import synthesise
 
 SITES = ("casme2", "smic")
 
 
 @pytest.fixture(scope="module")
-def run_config(tmp_path_factory: pytest.TempPathFactory) -> dict:
-    """Two prepared synthetic sites and the run config that maps partitions 0 and 1 to them."""
-    out = tmp_path_factory.mktemp("federation")
-    roots = synthesise(out / "data", seed=0, sites=list(SITES), subjects=3, clips_per_subject=2, progress=False)
-    for name, root in roots.items():
-        prepare_site(name, root, out / "cache", workers=1, labels="composite3")
+def run_config(tiny_sites: TinySites) -> dict:
+    """Two prepared synthetic sites (of the session's tiny federation) and the run config that maps partitions 0
+    and 1 to them."""
     return {
         "sites": ",".join(SITES),
-        "data-root": str(out / "data"),
-        "cache-root": str(out / "cache"),
+        "data-root": str(tiny_sites.data_root),
+        "cache-root": str(tiny_sites.cache),
         "preset": "lite",
         "batch-size": 2,
         "seed": 0,

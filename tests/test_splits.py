@@ -7,7 +7,7 @@ import pytest
 from handmade import assert_user_message, fake_samples
 
 from partitions.errors import DataError
-from partitions.splits import loso_folds, subject_holdout, subject_k_folds
+from partitions.splits import loso_folds, site_loso_folds, subject_holdout, subject_k_folds
 
 SIZES = [3, 1, 4, 1, 5, 9, 2, 6, 5, 3]
 
@@ -42,6 +42,32 @@ def test_loso_needs_two_subjects() -> None:
     with pytest.raises(DataError) as error:
         loso_folds(fake_samples([4]))
     assert_user_message(error, "at least 2 subjects", "hold 1")
+    with pytest.raises(DataError) as error:
+        site_loso_folds([fake_samples([4]), []])
+    assert_user_message(error, "at least 2 subjects", "hold 1")
+
+
+def test_site_loso_holds_out_each_subject_of_every_site_and_trains_on_all_the_others() -> None:
+    sites = [fake_samples([2, 3]), fake_samples([1, 2]), fake_samples([4], database="samm")]  # two casme2 sites
+    folds = site_loso_folds(sites)
+    assert [(f.index, f.site, f.subject) for f in folds] == [
+        (0, 0, "sub01"),
+        (1, 0, "sub02"),
+        (2, 1, "sub01"),
+        (3, 1, "sub02"),
+        (4, 2, "sub01"),
+    ]  # sites in order; one site's sub01 is not another's, even under one database
+    for fold in folds:
+        assert_partition(sites[fold.site], fold.train[fold.site], fold.test)
+        assert subjects_at(sites[fold.site], fold.test) == {fold.subject}
+        others = [other for other in range(len(sites)) if other != fold.site]
+        assert all(np.array_equal(fold.train[o], np.arange(len(sites[o]))) for o in others)
+    held = sorted((fold.site, i) for fold in folds for i in fold.test.tolist())
+    assert held == [(site, i) for site, samples in enumerate(sites) for i in range(len(samples))]  # each once
+    alone = site_loso_folds([sites[0]])  # one site: loso_folds's folds
+    assert [(f.train[0].tolist(), f.test.tolist()) for f in alone] == [
+        (f.train.tolist(), f.test.tolist()) for f in loso_folds(sites[0])
+    ]
 
 
 def test_k_folds_cover_every_sample_once_and_keep_subjects_whole() -> None:

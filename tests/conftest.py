@@ -1,0 +1,44 @@
+"""Fixtures shared by the test modules.
+
+``tiny_sites``: the tiny synthetic federation (``fedmer simulate --scale tiny``'s CASME II-, SAMM- and SMIC-format
+sites, 3 subjects x 2 clips each) written and prepared once per session: synthesising and preparing it takes
+about 30 s, and the simulation, baseline and ClientApp tests all read the same sites. Every test reads it; a test
+that changes a site or the cache copies them first (``shutil.copytree``) and changes the copy.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from server.simulate import Scale, prepare_data, simulation_config
+
+TINY_SITES = ("casme2", "samm", "smic")  # the run config's default sites
+
+
+@dataclass(frozen=True)
+class TinySites:
+    """Where the prepared tiny sites lie: ``data`` is what ``--data`` / ``simulation_config`` take (the sites lie
+    in ``data_root``, ``<data>-tiny``, one folder per database); ``cache`` is the preprocessing cache."""
+
+    data: Path
+    data_root: Path
+    cache: Path
+    sites: tuple[str, ...] = TINY_SITES
+
+    def config(self, config_file: Path | None = None, **options: Any) -> dict[str, Any]:
+        """The resolved run config of a tiny run on these sites (``fedmer simulate``'s resolution)."""
+        return simulation_config(
+            scale=Scale.tiny, data=self.data, cache=self.cache, config_file=config_file, options=options
+        )
+
+
+@pytest.fixture(scope="session")
+def tiny_sites(tmp_path_factory: pytest.TempPathFactory) -> TinySites:
+    root = tmp_path_factory.mktemp("tiny-federation").resolve()  # as the run config records it
+    sites = TinySites(root / "synthetic", root / "synthetic-tiny", root / "cache")
+    prepare_data(sites.config(out=str(root / "unused")), Scale.tiny)
+    return sites
