@@ -57,6 +57,7 @@ EVALUATE_METRIC_KEYS = (
     "epe",
     "nme",
     "au-f1",
+    "evaluate-seconds",
 )
 QUERY_METRIC_KEYS = (SITE_INDEX, COUNTS, SAMPLES)
 """Exactly the keys of the query reply's ``AU_COUNTS`` record."""

@@ -191,6 +191,7 @@ class Evaluation:
     nme: float
     au_f1: float
     examples: int
+    seconds: float = 0.0  # prediction and scoring time: the site's evaluate compute, for the federation overhead
 
 
 def evaluate_local(
@@ -199,6 +200,7 @@ def evaluate_local(
     """Predict every clip of ``dataset`` (no augmentation, the model's own landmarks) and score it."""
     torch.manual_seed(seed)
     model.to(device)
+    start = time.perf_counter()
     predictions = predict(model, seeded_loader(dataset, batch_size, shuffle=False, seed=seed), device)
     result = scores(predictions, num_classes)
     confusion = (
@@ -218,6 +220,7 @@ def evaluate_local(
         nme=result.get("landmark_nme", 0.0),
         au_f1=result.get("au_f1", 0.0),
         examples=len(predictions.labels),
+        seconds=time.perf_counter() - start,
     )
 
 
@@ -269,5 +272,6 @@ def evaluate_metrics(site_index: int, result: Evaluation) -> dict[str, Any]:
         "epe": result.epe,
         "nme": result.nme,
         "au-f1": result.au_f1,
+        "evaluate-seconds": result.seconds,
     }
     return {protocol.NUM_EXAMPLES: result.examples, **{key: values[key] for key in protocol.EVALUATE_METRIC_KEYS}}

@@ -3,9 +3,11 @@
 Layout of ``RunDirectory(path)``::
 
     config.json                        the resolved run config
-    metrics.jsonl                      one line per (round, phase, site): {"round", "phase", "site", ...metrics}
+    metrics.jsonl                      one line per (round, phase, site): {"round", "phase", "site", ...metrics},
+                                       and per round {"round", "phase": "round", "seconds"}: its server-side wall time
     checkpoints/round-0003.safetensors global arrays after round 3 (metadata: {"round": "3"})
     summary.json                       {"rounds", "sites": {site: {uf1, uar, accuracy, epe, nme}}, "pooled": {uf1, uar}}
+                                       (+ "protocol", "folds" for a LOSO baseline)
     rounds.png                         per-site UF1 and loss per round (plot_rounds)
 
 Whole files are written atomically (temp file in the same folder + ``os.replace``), so a reader or a crash
@@ -44,6 +46,7 @@ PLOT_FILE = "rounds.png"
 SITE_KEYS = ("uf1", "uar", "accuracy", "epe", "nme")
 POOLED_KEYS = ("uf1", "uar")
 RESERVED_KEYS = ("round", "phase", "site")
+ROUND_PHASE = "round"  # the phase of a round's own line (no site): its wall time, for the federation's overhead
 DECIMALS = 4
 
 
@@ -127,9 +130,15 @@ class RunDirectory:
             raise ValueError(f"metrics may not use the reserved keys {clash}")
         if not phase or not site:
             raise ValueError(f"phase and site must be non-empty, got phase={phase!r}, site={site!r}")
-        line = json.dumps(
-            _plain({"round": int(server_round), "phase": phase, "site": site, **metrics}), allow_nan=False
-        )
+        self._append_line({"round": int(server_round), "phase": phase, "site": site, **metrics})
+
+    def append_round(self, server_round: int, seconds: float) -> None:
+        """One line ``{"round", "phase": "round", "seconds"}``: the round's wall time as the server saw it (train
+        and evaluate of every site, aggregation, records), so the federation's overhead can be measured."""
+        self._append_line({"round": int(server_round), "phase": ROUND_PHASE, "seconds": float(seconds)})
+
+    def _append_line(self, document: Mapping[str, Any]) -> None:
+        line = json.dumps(_plain(document), allow_nan=False)
         with self.metrics_path.open("a", encoding="utf-8") as handle:
             handle.write(line + "\n")
             handle.flush()
@@ -147,9 +156,20 @@ class RunDirectory:
         atomic_write(path, save_safetensors(tensors, metadata={"round": str(int(server_round))}))
         return path
 
-    def write_summary(self, rounds: int, sites: Mapping[str, Mapping[str, Any]], pooled: Mapping[str, Any]) -> Path:
-        """``summary.json``: exactly the documented keys, floats rounded to 4 decimals (None: not measured)."""
-        atomic_write(self.summary_path, _json_bytes(summary_document(rounds, sites, pooled)))
+    def write_summary(
+        self,
+        rounds: int,
+        sites: Mapping[str, Mapping[str, Any]],
+        pooled: Mapping[str, Any],
+        extra: Mapping[str, Any] | None = None,
+    ) -> Path:
+        """``summary.json``: exactly the documented keys, floats rounded to 4 decimals (None: not measured), plus
+        ``extra`` keys that describe how the scores were obtained (a LOSO baseline's ``protocol`` and ``folds``)."""
+        document = summary_document(rounds, sites, pooled)
+        clash = sorted(set(document) & set(extra or {}))
+        if clash:
+            raise ValueError(f"summary extra keys may not replace the documented keys {clash}")
+        atomic_write(self.summary_path, _json_bytes({**document, **(extra or {})}))
         return self.summary_path
 
 
@@ -169,9 +189,7 @@ def _pick(values: Mapping[str, Any], keys: tuple[str, ...], where: str) -> dict[
     return {key: _score(values[key], f"{where} {key}") for key in keys}
 
 
-def summary_document(
-    rounds: int, sites: Mapping[str, Mapping[str, Any]], pooled: Mapping[str, Any]
-) -> dict[str, Any]:
+def summary_document(rounds: int, sites: Mapping[str, Mapping[str, Any]], pooled: Mapping[str, Any]) -> dict[str, Any]:
     """Validated summary: ``{"rounds": R, "sites": {site: {SITE_KEYS}}, "pooled": {POOLED_KEYS}}``."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
@@ -232,9 +250,7 @@ def site_table(summary: Mapping[str, Any]) -> Table:
     return table
 
 
-def plot_rounds(
-    metrics_jsonl_path: str | os.PathLike[str], out_png: str | os.PathLike[str], *, dpi: int = 100
-) -> Path:
+def plot_rounds(metrics_jsonl_path: str | os.PathLike[str], out_png: str | os.PathLike[str], *, dpi: int = 100) -> Path:
     """PNG with per-site UF1 (evaluate phase) and loss (train phase) against the round (atomic write)."""
     from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg only: never touches pyplot's backend
     from matplotlib.figure import Figure

@@ -15,7 +15,8 @@ One run, in order:
    federation's AU prior (:func:`server.strategies.cooccurrence_prior`), sent in every train round with
    FED-PsyAU's decaying prior weight;
 6. ``strategy.start``: per round and site one train and one evaluate line in ``metrics.jsonl``, one progress
-   line on the console, and the global arrays in ``checkpoints/round-NNNN.safetensors``;
+   line on the console, and the global arrays in ``checkpoints/round-NNNN.safetensors``; per round one
+   ``{"round", "phase": "round", "seconds"}`` line with its wall time (checkpoint included);
 7. ``summary.json`` from the last round's evaluation (per site, and pooled UF1 / UAR from the sum of the sites'
    confusion matrices, as in MEGC2019's composite evaluation), the table on the console and ``rounds.png``.
 """
@@ -402,9 +403,14 @@ def run_federation(grid: Grid, config: Mapping[str, Any], console: Console) -> N
     strategy.round_config = lambda r: {PRIOR_WEIGHT: decay_prior_weight(r, settings.rounds), COOCCURRENCE: prior}
     strategy.on_site_metrics = Progress(run, settings, console)
 
+    round_start = time.monotonic()
+
     def checkpoint(server_round: int, arrays: ArrayRecord) -> MetricRecord | None:
+        nonlocal round_start  # Strategy.start calls this before round 1 and after every round: the rounds' ends
         if server_round >= 1:  # round 0 is the initial model, rebuilt from the seed at will
             run.save_checkpoint(server_round, arrays)
+            run.append_round(server_round, time.monotonic() - round_start)
+        round_start = time.monotonic()
         return None
 
     strategy.start(

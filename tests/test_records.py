@@ -14,6 +14,7 @@ from rich.console import Console
 
 import partitions.cache
 from server.records import (
+    ROUND_PHASE,
     RunDirectory,
     load_checkpoint,
     load_metrics,
@@ -64,6 +65,14 @@ def test_metrics_are_one_flushed_json_line_each(tmp_path: Path) -> None:
     }
     with pytest.raises(ValueError, match="reserved"):
         run.append_metrics(2, "train", "casme2", {"round": 3})
+
+
+def test_a_round_line_holds_the_rounds_wall_time_and_leaves_the_plot_alone(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path / "run")
+    run.append_metrics(1, "train", "casme2", {"loss": 0.5})
+    run.append_round(1, np.float64(12.5))
+    assert load_metrics(run.metrics_path)[-1] == {"round": 1, "phase": ROUND_PHASE, "seconds": 12.5}
+    assert plot_rounds(run.metrics_path, run.plot_path).stat().st_size > 0  # a line without a site is skipped
 
 
 def test_load_metrics_ignores_a_torn_last_line_but_not_a_broken_middle(tmp_path: Path) -> None:

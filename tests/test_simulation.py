@@ -6,7 +6,6 @@ from __future__ import annotations
 import io
 import json
 import os
-import time
 import tomllib
 from pathlib import Path
 
@@ -14,9 +13,11 @@ import numpy as np
 import pytest
 import ray
 import torch
+from conftest import TinySites
 from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore import telemetry
 from flwr.supercore.task_identity import TaskIdentity
+from process_tree import descendants, leftovers, processes
 from rich.console import Console
 from sklearn.metrics import f1_score, recall_score
 from typer.testing import CliRunner
@@ -25,81 +26,26 @@ from client.protocol import AU_COUNTS, COUNTS, SAMPLES, SITE_INDEX
 from client.site import RunSettings, num_classes
 from models import build_model
 from server.cli import app
-from server.records import POOLED_KEYS, SITE_KEYS, load_checkpoint, load_metrics, load_summary
+from server.records import POOLED_KEYS, ROUND_PHASE, SITE_KEYS, load_checkpoint, load_metrics, load_summary
 from server.server_app import DEFAULTS, pooled_scores, query_sites, resolve_settings
-from server.simulate import Scale, prepare_data, run_simulation, simulation_config, simulation_environment
+from server.simulate import run_simulation, simulation_environment
 from server.strategies import build_strategy, cooccurrence_prior
 
 ROOT = Path(__file__).resolve().parent.parent
 SITES = ("casme2", "samm", "smic")
 
 
-# ----------------------------------------------------------------------------------------------- processes
-
-
-def _processes() -> dict[int, tuple[int, str]]:
-    """pid -> (parent pid, command line) of every process this user can see."""
-    found = {}
-    for entry in Path("/proc").iterdir():
-        if not entry.name.isdigit():
-            continue
-        try:
-            stat = (entry / "stat").read_text()
-            command = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
-        except OSError:
-            continue
-        parent = int(stat[stat.rindex(")") + 2 :].split()[1])  # fields after "(comm)": state, ppid, ...
-        found[int(entry.name)] = (parent, command)
-    return found
-
-
-def _descendants(root: int, processes: dict[int, tuple[int, str]]) -> set[int]:
-    children: dict[int, list[int]] = {}
-    for pid, (parent, _command) in processes.items():
-        children.setdefault(parent, []).append(pid)
-    found, stack = set(), [root]
-    while stack:
-        for child in children.get(stack.pop(), []):
-            if child not in found:
-                found.add(child)
-                stack.append(child)
-    return found
-
-
-def _leftovers(before: set[int], ray_tmp: Path, wait: float = 20.0) -> list[str]:
-    """Processes started during the run that still live (our descendants, or anything using Ray's folder)."""
-    deadline = time.monotonic() + wait
-    while True:
-        processes = _processes()
-        started = _descendants(os.getpid(), processes) - before
-        alive = [
-            f"{pid}: {command[:160]}"
-            for pid, (_parent, command) in processes.items()
-            if (pid in started or str(ray_tmp) in command)
-            and command.strip()  # an exited process not yet reaped (zombie) has no command line
-        ]
-        if not alive or time.monotonic() > deadline:
-            return alive
-        time.sleep(0.5)
-
-
 # ----------------------------------------------------------------------------------------------- end to end
 
 
 def test_two_rounds_on_three_tiny_sites_through_the_simulation_engine_write_every_record(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_sites: TinySites, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     monkeypatch.setattr(telemetry, "FLWR_TELEMETRY_ENABLED", "0")  # read at flwr's import, maybe by another test
     out = tmp_path / "run"
-    config = simulation_config(
-        scale=Scale.tiny,
-        data=tmp_path / "synthetic",
-        cache=tmp_path / "cache",
-        options={"num-server-rounds": 2, "local-epochs": 1, "out": str(out)},
-    )
+    config = tiny_sites.config(**{"num-server-rounds": 2, "local-epochs": 1, "out": str(out)})
     assert config["sites"] == ",".join(SITES)
-    prepare_data(config, Scale.tiny)
-    before = _descendants(os.getpid(), _processes())
+    before = descendants(os.getpid(), processes())
     printed = io.StringIO()
 
     with simulation_environment() as ray_tmp:
@@ -108,13 +54,19 @@ def test_two_rounds_on_three_tiny_sites_through_the_simulation_engine_write_ever
 
     assert not ray.is_initialized()
     assert not ray_tmp.exists() and os.environ.get("RAY_TMPDIR") != str(ray_tmp)
-    assert _leftovers(before, ray_tmp) == []
+    assert leftovers(before, ray_tmp) == []
 
     # config.json: the resolved run config
     assert json.loads((out / "config.json").read_text()) == config
 
-    # metrics.jsonl: one train and one evaluate line per round and site
-    records = load_metrics(out / "metrics.jsonl")
+    # metrics.jsonl: one train and one evaluate line per round and site, and one wall-time line per round
+    lines = load_metrics(out / "metrics.jsonl")
+    rounds = {r["round"]: r for r in lines if r["phase"] == ROUND_PHASE}
+    records = [r for r in lines if r["phase"] != ROUND_PHASE]
+    assert sorted(rounds) == [1, 2] and all(set(r) == {"round", "phase", "seconds"} for r in rounds.values())
+    for number, line in rounds.items():  # the sites' compute lies within their round's wall time
+        compute = sum(r.get("train-seconds", 0) + r.get("evaluate-seconds", 0) for r in records if r["round"] == number)
+        assert line["seconds"] > compute > 0
     keys = sorted((r["round"], r["phase"], r["site"]) for r in records)
     assert keys == sorted((r, phase, site) for r in (1, 2) for phase in ("train", "evaluate") for site in SITES)
     evaluations = [r for r in records if r["phase"] == "evaluate"]
