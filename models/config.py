@@ -62,6 +62,7 @@ class RecognitionHeadConfig:
     hidden: int = 128
     dropout: float = 0.2
     relative: bool = True  # express the stack against the onset's features: motion since onset, not appearance
+    normalise_motion: bool = True  # scale each clip's relative stack to unit variance (only with ``relative``)
 
 
 @dataclass(frozen=True)

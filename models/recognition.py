@@ -7,6 +7,7 @@ which AUs the graph found and how they coordinate.
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .config import RecognitionHeadConfig
@@ -39,6 +40,7 @@ class RecognitionHead(nn.Module):
         self.pool = nn.MaxPool3d(2, ceil_mode=True)
         self.dropout = nn.Dropout(config.dropout)
         self.relative = config.relative
+        self.normalise_motion = config.relative and config.normalise_motion
         with torch.no_grad():
             flat = self.pool(self.conv(torch.zeros(1, channels, depth, feature_size, feature_size))).numel()
         self.hidden = nn.Linear(flat, config.hidden)
@@ -50,10 +52,17 @@ class RecognitionHead(nn.Module):
         With ``relative``, each block's features are first expressed against that block's first entry (block #1
         on the onset frame, block #2 on the next), so the convolution sees what moved since the onset rather than
         the face's appearance, which carries no label: a still clip gives all zeros.
+
+        With ``normalise_motion`` the relative stack is then scaled to zero mean and unit variance per clip (a
+        GroupNorm of one group, no weights): at initialisation a micro-movement is a tiny difference of two
+        feature maps, and without the scaling training sat on the majority class for about ten epochs before
+        the head picked the motion up. Per clip, so it stays per-sample under Opacus; zeros stay zeros.
         """
         if self.relative:
             pairs = stacked.unflatten(2, (-1, 2))  # (B, C, T-1, 2, h, w): [block #1, block #2] per pair
             stacked = (pairs - pairs[:, :, :1]).flatten(2, 3)
+            if self.normalise_motion:
+                stacked = F.group_norm(stacked, 1)
         return self.conv(stacked)
 
     @staticmethod

@@ -314,3 +314,20 @@ def test_landmark_head_rejects_wrong_size() -> None:
         head(torch.randn(1, 8, 8, 8))
     with pytest.raises(ValueError, match="at least 3"):
         LandmarkHead(8, 2, LITE.landmarks)
+
+
+@pytest.mark.parametrize("normalise", [True, False])
+def test_normalised_motion_ignores_how_strongly_features_respond(normalise: bool) -> None:
+    """With normalise_motion the head sees each clip's motion pattern, not its raw size (a faint movement
+    reaches the classifier at full scale); without it, scaling the motion scales the head's input."""
+    from models.config import RecognitionHeadConfig
+    from models.recognition import RecognitionHead
+
+    config = RecognitionHeadConfig(relative=True, normalise_motion=normalise)
+    torch.manual_seed(0)
+    head = RecognitionHead(channels=4, depth=14, feature_size=8, config=config, num_classes=3)
+    stacked = torch.randn(2, 4, 14, 8, 8)
+    weak, strong = head.motion_features(stacked), head.motion_features(5.0 * stacked)
+    assert torch.allclose(weak, strong, atol=1e-4) == normalise
+    still = stacked[:, :, :2].repeat(1, 1, 7, 1, 1)  # every pair equals the first: no motion
+    torch.testing.assert_close(head.motion_features(still), head.motion_features(torch.zeros_like(still)))

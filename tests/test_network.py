@@ -156,7 +156,7 @@ def test_model_overfits_a_tiny_batch_on_every_task() -> None:
     loss_fn = MultitaskLoss(LossWeights(mer=1.0, flow=1.0, landmarks=1.0, au=1.0))
     optimizer = torch.optim.Adam(model.parameters(), lr=2e-3)
     history = []
-    for _ in range(100):
+    for _ in range(150):  # landmarks need about 150 steps next to the normalised motion's strong mer gradient
         optimizer.zero_grad()
         total, terms = loss_fn(model(batch["clip"], batch["landmarks"]), batch)
         total.backward()
