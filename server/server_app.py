@@ -99,6 +99,7 @@ OPTIONAL_KEYS = (
     "subset",
     "device",
     "server-lr",
+    "server-momentum",
     "num-malicious-nodes",
     "num-nodes-to-select",
 )

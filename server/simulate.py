@@ -219,7 +219,9 @@ def simulate(
     ] = None,
     strategy: Annotated[
         str | None,
-        typer.Option("--strategy", help="fedavg, fedprox, fedadam, fedmedian, krum, multikrum or personalised"),
+        typer.Option(
+            "--strategy", help="fedavg, fedavgm, fedprox, fedadam, fedmedian, krum, multikrum or personalised"
+        ),
     ] = None,
     scale: ScaleOption = Scale.default,
     out: OutOption = None,

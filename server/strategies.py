@@ -33,7 +33,7 @@ import numpy as np
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Krum, MultiKrum, Strategy
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, Krum, MultiKrum, Strategy
 from flwr.serverapp.strategy.strategy_utils import aggregate_metricrecords, sample_nodes
 
 from client.protocol import (
@@ -51,7 +51,13 @@ from models.au_graph import N_AUS, cooccurrence_from_counts
 
 log = logging.getLogger(__name__)
 
-STRATEGIES = ("fedavg", "fedprox", "fedadam", "fedmedian", "krum", "multikrum", "personalised")
+FEDAVGM_MOMENTUM = 0.9
+"""FedAvgM's default server momentum (Hsu et al., 2019, arXiv:1909.06335). Averaging K sites' local updates moves
+the global model about as far as one site's update, a K-th of what central training on the union moves in the
+same epochs; momentum accumulates consistent update directions over rounds and makes up the difference
+(README, "Federated against central and local")."""
+
+STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "krum", "multikrum", "personalised")
 DEFAULT_STRATEGY = "fedavg"
 
 TRAIN, EVALUATE = "train", "evaluate"
@@ -313,6 +319,10 @@ class SiteFedAvg(SiteRobust, FedAvg):
     """FedAvg with :class:`SiteRobust`."""
 
 
+class SiteFedAvgM(SiteRobust, FedAvgM):
+    """FedAvg with server momentum and a server learning rate (Hsu et al., 2019) and :class:`SiteRobust`."""
+
+
 class SiteFedProx(SiteRobust, FedProx):
     """FedProx with :class:`SiteRobust` (the client adds the proximal term; the server sends ``proximal-mu``)."""
 
@@ -364,8 +374,9 @@ def _whole(run_config: Mapping[str, Any], key: str, default: int) -> int:
 def build_strategy(name: str, sites: int, run_config: Mapping[str, Any] | None = None) -> Strategy:
     """One of :data:`STRATEGIES` for ``sites`` sites, every one of them required to be connected and sampled.
 
-    Run-config keys read: ``min-sites`` (default 1), ``proximal-mu`` (fedprox, 0.01), ``server-lr`` (fedadam's
-    eta, 1e-2; other FedAdam settings are Flower's defaults), ``num-malicious-nodes`` (krum / multikrum, 0),
+    Run-config keys read: ``min-sites`` (default 1), ``proximal-mu`` (fedprox, 0.01), ``server-lr`` (fedavgm's
+    server learning rate, 1.0; fedadam's eta, 1e-2, other FedAdam settings being Flower's defaults),
+    ``server-momentum`` (fedavgm, :data:`FEDAVGM_MOMENTUM`), ``num-malicious-nodes`` (krum / multikrum, 0),
     ``num-nodes-to-select`` (multikrum, ``max(1, sites - num-malicious-nodes - 1)``: drop at least the
     farthest update), ``mixing-alpha`` (personalised, 0.1). Raises ValueError for an unknown name.
     """
@@ -387,6 +398,12 @@ def build_strategy(name: str, sites: int, run_config: Mapping[str, Any] | None =
     }
     if key == "fedavg":
         return SiteFedAvg(**common)
+    if key == "fedavgm":
+        return SiteFedAvgM(
+            **common,
+            server_learning_rate=_number(run_config, "server-lr", 1.0),
+            server_momentum=_number(run_config, "server-momentum", FEDAVGM_MOMENTUM),
+        )
     if key == "fedprox":
         return SiteFedProx(**common, proximal_mu=_number(run_config, PROXIMAL_MU, 0.01))
     if key == "fedadam":

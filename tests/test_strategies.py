@@ -7,7 +7,7 @@ import random
 import numpy as np
 import pytest
 from flwr.app import Array, ArrayRecord, ConfigRecord, Error, Message, MessageType, MetricRecord, RecordDict
-from flwr.serverapp.strategy import FedAdam, FedAvg, FedMedian, FedProx, Krum, MultiKrum
+from flwr.serverapp.strategy import FedAdam, FedAvg, FedAvgM, FedMedian, FedProx, Krum, MultiKrum
 from flwr.supercore.task_identity import TaskIdentity
 
 from client.protocol import (
@@ -90,6 +90,7 @@ EXAMPLES = {0: 13, 1: 7, 2: 29}
 
 EXPECTED_CLASS = {
     "fedavg": FedAvg,
+    "fedavgm": FedAvgM,
     "fedprox": FedProx,
     "fedadam": FedAdam,
     "fedmedian": FedMedian,
@@ -108,7 +109,7 @@ def test_every_name_builds_its_flower_class_requiring_every_site(name: str) -> N
     assert strategy.weighted_by_key == NUM_EXAMPLES
     assert strategy.min_sites == 1
     if name in ("fedavg", "personalised"):
-        assert not isinstance(strategy, FedProx | FedAdam | FedMedian | MultiKrum)
+        assert not isinstance(strategy, FedAvgM | FedProx | FedAdam | FedMedian | MultiKrum)
     if name == "multikrum":
         assert not isinstance(strategy, Krum)
 
@@ -118,6 +119,10 @@ def test_run_config_defaults_and_overrides() -> None:
     assert build_strategy("fedprox", 3, {"proximal-mu": 0.5}).proximal_mu == pytest.approx(0.5)
     assert build_strategy("fedadam", 3, {}).eta == pytest.approx(1e-2)
     assert build_strategy("fedadam", 3, {"server-lr": 0.3}).eta == pytest.approx(0.3)
+    fedavgm = build_strategy("fedavgm", 3, {})
+    assert (fedavgm.server_learning_rate, fedavgm.server_momentum) == pytest.approx((1.0, 0.9))
+    fedavgm = build_strategy("fedavgm", 3, {"server-lr": 2.0, "server-momentum": 0.5})
+    assert (fedavgm.server_learning_rate, fedavgm.server_momentum) == pytest.approx((2.0, 0.5))
     assert build_strategy("krum", 3, {}).num_nodes_to_select == 1
     assert build_strategy("multikrum", 4, {}).num_nodes_to_select == 3
     multikrum = build_strategy("multikrum", 5, {"num-malicious-nodes": 1, "num-nodes-to-select": 2})
