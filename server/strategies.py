@@ -54,8 +54,8 @@ log = logging.getLogger(__name__)
 FEDAVGM_MOMENTUM = 0.9
 """FedAvgM's default server momentum (Hsu et al., 2019, arXiv:1909.06335). Averaging K sites' local updates moves
 the global model about as far as one site's update, a K-th of what central training on the union moves in the
-same epochs; momentum accumulates consistent update directions over rounds and makes up the difference
-(README, "Federated against central and local")."""
+same epochs; momentum accumulates the update directions the rounds agree on (compare with
+``benchmarks/federation_accuracy.py``)."""
 
 STRATEGIES = ("fedavg", "fedavgm", "fedprox", "fedadam", "fedmedian", "krum", "multikrum", "personalised")
 DEFAULT_STRATEGY = "fedavg"
