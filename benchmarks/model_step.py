@@ -47,16 +47,16 @@ def matmul_flops(device: torch.device, n: int = 2048, repeats: int = 10) -> floa
     return 2 * n**3 * repeats / (time.perf_counter() - start)
 
 
-def make_batch(config, device: torch.device) -> dict[str, torch.Tensor]:
+def make_batch(config, device: torch.device, size_of_batch: int = BATCH) -> dict[str, torch.Tensor]:
     g = torch.Generator().manual_seed(0)
-    t, size = config.frames, config.image_size
+    t, size, n = config.frames, config.image_size, size_of_batch
     batch = {
-        "clip": torch.rand(BATCH, t, 1, size, size, generator=g),
-        "flow": torch.randn(BATCH, t - 1, 2, size, size, generator=g),
-        "landmarks": 0.3 + 0.4 * torch.rand(BATCH, t, 68, 2, generator=g),
-        "label": torch.randint(0, config.num_classes, (BATCH,), generator=g),
-        "au": (torch.rand(BATCH, 12, generator=g) > 0.7).float(),
-        "au_mask": torch.ones(BATCH, dtype=torch.bool),
+        "clip": torch.rand(n, t, 1, size, size, generator=g),
+        "flow": torch.randn(n, t - 1, 2, size, size, generator=g),
+        "landmarks": 0.3 + 0.4 * torch.rand(n, t, 68, 2, generator=g),
+        "label": torch.randint(0, config.num_classes, (n,), generator=g),
+        "au": (torch.rand(n, 12, generator=g) > 0.7).float(),
+        "au_mask": torch.ones(n, dtype=torch.bool),
     }
     return {name: value.to(device) for name, value in batch.items()}
 

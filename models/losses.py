@@ -63,6 +63,17 @@ class MultitaskLoss(nn.Module):
         self.register_buffer("class_weights", class_weights, persistent=False)
 
     def forward(self, output: ModelOutput, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        terms = self.terms(output, batch)
+        total = sum(getattr(self.weights, name) * value.mean() for name, value in terms.items())
+        return total, self.report(terms)
+
+    def per_sample(self, output: ModelOutput, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
+        """(weighted total per sample (B,), detached terms): Opacus's ghost clipping rescales each sample's loss."""
+        terms = self.terms(output, batch)
+        return sum(getattr(self.weights, name) * value for name, value in terms.items()), self.report(terms)
+
+    def terms(self, output: ModelOutput, batch: dict[str, Tensor]) -> dict[str, Tensor]:
+        """Each head's unweighted per-sample loss (B,), masked where a sample lacks the target."""
         terms = {"mer": F.cross_entropy(output.logits, batch["label"], weight=self.class_weights, reduction="none")}
         if output.flow is not None:
             terms["flow"] = endpoint_error(output.flow, batch["flow"])
@@ -71,5 +82,8 @@ class MultitaskLoss(nn.Module):
         if output.au_logits is not None:
             per_au = F.binary_cross_entropy_with_logits(output.au_logits, batch["au"], reduction="none")
             terms["au"] = per_au.mean(dim=1) * batch["au_mask"].to(per_au.dtype)
-        total = sum(getattr(self.weights, name) * value.mean() for name, value in terms.items())
-        return total, {name: float(value.detach().mean()) for name, value in terms.items()}
+        return terms
+
+    @staticmethod
+    def report(terms: dict[str, Tensor]) -> dict[str, float]:
+        return {name: float(value.detach().mean()) for name, value in terms.items()}

@@ -1,0 +1,187 @@
+"""Sample-level DP at a site (``client.privacy``): the default (functorch) and ghost clipping on the whole network
+equal clipping a per-clip loop, the accountant's history survives a round trip through plain lists and keeps
+counting, a target epsilon fixes one noise multiplier for the whole run, and a BatchNorm model is refused with
+the layer and the fix named.
+"""
+
+from __future__ import annotations
+
+import copy
+import warnings
+from dataclasses import dataclass
+
+import pytest
+import torch
+from opacus.accountants import RDPAccountant
+from test_network import random_batch
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from client.privacy import (
+    HISTORY_KEYS,
+    PrivacyIncompatibleModel,
+    PrivacySettings,
+    RunLength,
+    history_record,
+    make_private,
+    noise_for_budget,
+    restore_accountant,
+    validate_model,
+)
+from client.privacy.norm_samplers import linear_norm_sample
+from models import MultitaskLoss, build_model, preset
+from models.config import RecognitionHeadConfig
+
+DELTA = 1e-5
+
+
+def private_sgd(model: nn.Module, samples: int, batch: int, settings: PrivacySettings, lr: float = 0.1, **options):
+    """``make_private`` on SGD and a loader of ``samples`` placeholders (sample rate batch / samples)."""
+    loader = DataLoader(TensorDataset(torch.zeros(samples)), batch_size=batch)
+    optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    return make_private(model, optimizer, loader, settings, loss_fn=MultitaskLoss(), **options)
+
+
+def per_clip_gradients(model: nn.Module, batch: dict[str, torch.Tensor]) -> list[tuple[torch.Tensor, ...]]:
+    """The multitask loss's gradient for each clip on its own (a batch of one)."""
+    params, loss_fn = list(model.parameters()), MultitaskLoss()
+    grads = []
+    for i in range(len(batch["clip"])):
+        one = {name: value[i : i + 1] for name, value in batch.items()}
+        loss = loss_fn(model(one["clip"], one["landmarks"], prior_weight=0.5), one)[0]
+        grads.append(torch.autograd.grad(loss, params))
+    return grads
+
+
+def clipped_mean(grads: list[tuple[torch.Tensor, ...]], norms: torch.Tensor, max_norm: float) -> list[torch.Tensor]:
+    """Each clip's gradient scaled to at most ``max_norm`` (with Opacus's 1e-6 guard), summed, over the batch."""
+    factors = (max_norm / (norms + 1e-6)).clamp(max=1.0)
+    return [sum(f * clip[k] for f, clip in zip(factors, grads, strict=True)) / len(grads) for k in range(len(grads[0]))]
+
+
+@dataclass
+class ClippingCase:
+    """The whole lite network (fp64, 32 px, no dropout), a batch of 4 clips, and the per-clip loop's answer."""
+
+    model: nn.Module
+    batch: dict[str, torch.Tensor]
+    norms: torch.Tensor
+    max_norm: float
+    expected: list[torch.Tensor]
+
+
+@pytest.fixture(scope="module")
+def clipping_case() -> ClippingCase:
+    config = preset("lite", image_size=32, recognition=RecognitionHeadConfig(dropout=0.0))
+    torch.manual_seed(0)
+    model = build_model(config).double()
+    batch = {k: v.double() if v.is_floating_point() else v for k, v in random_batch(config, batch=4).items()}
+    batch["au_mask"][1] = False  # a clip without AU codes (SMIC): its AU term is masked
+    grads = per_clip_gradients(copy.deepcopy(model), batch)
+    norms = torch.stack([torch.sqrt(sum(g.square().sum() for g in clip)) for clip in grads])
+    max_norm = float(norms.median())  # half the clips are clipped, half are not
+    return ClippingCase(model, batch, norms, max_norm, clipped_mean(grads, norms, max_norm))
+
+
+@pytest.mark.parametrize("mode", ["functorch", "ghost"])  # hooks: tests/test_network.py
+def test_clipped_gradient_equals_clipping_a_per_clip_loop_on_the_whole_model(
+    clipping_case: ClippingCase, mode: str
+) -> None:
+    case, model = clipping_case, copy.deepcopy(clipping_case.model)
+    settings = PrivacySettings(
+        enabled=True, noise_multiplier=0.0, max_grad_norm=case.max_norm, poisson_sampling=False, mode=mode
+    )
+    private = private_sgd(model, 4, 4, settings, lr=0.0)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # functorch fallback for CircularConv and AxisEmbedding
+        output = private.model(case.batch["clip"], case.batch["landmarks"], prior_weight=0.5)
+        loss, terms = private.loss(output, case.batch)
+        loss.backward()
+    private.optimizer.step()
+    assert set(terms) == {"mer", "flow", "landmarks", "au"}
+    if mode == "ghost":
+        torch.testing.assert_close(private.model.per_sample_gradient_norms, case.norms, rtol=1e-9, atol=0)
+    for (name, param), grad in zip(model.named_parameters(), case.expected, strict=True):
+        torch.testing.assert_close(param.grad, grad, rtol=1e-9, atol=1e-12 * grad.abs().max().item(), msg=name)
+
+
+@pytest.mark.parametrize("shape", [(5, 7), (5, 3, 7), (5, 2, 3, 4, 7)], ids=["2-D", "3-D ghost", "5-D gradient"])
+def test_linear_norm_sampler_handles_any_rank(shape: tuple[int, ...]) -> None:
+    # 5-D is CCC's Linear(P, P) on (B, C, T, k, P); Opacus 1.6 returns no norm for it
+    gen = torch.Generator().manual_seed(1)
+    layer = nn.Linear(7, 6 if len(shape) == 5 else 40).double()
+    a = torch.randn(*shape, generator=gen, dtype=torch.float64)
+    g = torch.randn(*shape[:-1], layer.out_features, generator=gen, dtype=torch.float64)
+    norms = linear_norm_sample(layer, [a], g)
+    weight = torch.einsum("n...o,n...i->noi", g, a).flatten(1).norm(dim=1)
+    bias = g.reshape(shape[0], -1, layer.out_features).sum(1).norm(dim=1)
+    torch.testing.assert_close(norms[layer.weight], weight)
+    torch.testing.assert_close(norms[layer.bias], bias)
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")  # the toy input needs no gradient
+def test_accountant_history_round_trips_and_keeps_counting_across_rounds() -> None:
+    first = RDPAccountant()
+    for _ in range(30):
+        first.step(noise_multiplier=1.1, sample_rate=0.05)
+    first.step(noise_multiplier=0.9, sample_rate=0.1)
+    record = history_record(first)
+    assert set(record) == set(HISTORY_KEYS)
+    assert all(type(x) in (int, float) for values in record.values() for x in values)  # fits a ConfigRecord
+    assert restore_accountant(record).history == first.history
+    assert restore_accountant(None).history == []
+
+    # next round: a site's optimizer steps advance the restored accountant
+    model = nn.Linear(3, 1)
+    settings = PrivacySettings(enabled=True, noise_multiplier=1.1, poisson_sampling=False, mode="hooks")
+    private = private_sgd(model, 40, 4, settings, history=record)  # sample rate 1/10
+    for _ in range(7):
+        private.optimizer.zero_grad()
+        private.model(torch.randn(4, 3)).square().mean().backward()
+        private.optimizer.step()
+
+    independent = RDPAccountant()
+    independent.history = [(1.1, 0.05, 30), (0.9, 0.1, 1), (1.1, 0.1, 7)]
+    assert private.accountant.history == independent.history
+    assert private.epsilon() == pytest.approx(independent.get_epsilon(DELTA), rel=1e-12)
+    assert private.epsilon() > first.get_epsilon(DELTA)
+    with pytest.raises(ValueError, match="dp-steps"):
+        restore_accountant({key: record[key] for key in HISTORY_KEYS[:2]})
+
+
+def test_target_epsilon_fixes_one_noise_multiplier_that_spends_the_budget_by_the_last_round() -> None:
+    run = RunLength(rounds=5, local_epochs=2, steps_per_epoch=10)
+    noise = noise_for_budget(3.0, DELTA, run)
+    accountant = RDPAccountant()
+    accountant.history = [(noise, 0.1, 100)]
+    assert 3.0 - 0.05 <= accountant.get_epsilon(DELTA) <= 3.0
+
+    settings = PrivacySettings(enabled=True, target_epsilon=3.0, delta=DELTA, mode="hooks")
+    for history in (None, {key: [] for key in HISTORY_KEYS}):  # round 1, and a later round: same noise
+        private = private_sgd(nn.Linear(3, 1), 40, 4, settings, rounds=5, local_epochs=2, history=history)
+        assert private.noise_multiplier == noise
+        assert private.optimizer.noise_multiplier == noise
+
+
+def test_batchnorm_model_is_refused_naming_the_layer_and_the_fix() -> None:
+    model = build_model(preset("lite", image_size=32, norm="batch"))
+    settings = PrivacySettings(enabled=True, noise_multiplier=1.0)
+    with pytest.raises(PrivacyIncompatibleModel, match=r"backbone\.stem\.layers\.\d+ \(_AnyBatchNorm\).*norm='group'"):
+        private_sgd(model, 4, 4, settings)
+
+
+def test_layers_opacus_refuses_are_named_by_their_path() -> None:
+    model = nn.Sequential(nn.Linear(4, 4), nn.MultiheadAttention(4, 1))
+    with pytest.raises(PrivacyIncompatibleModel, match=r"1 \(MultiheadAttention\).*DPMultiheadAttention"):
+        validate_model(model)
+    validate_model(build_model(preset("lite", image_size=32)))  # the default network passes
+
+
+def test_settings_need_exactly_one_noise_source() -> None:
+    with pytest.raises(ValueError, match="exactly one"):
+        PrivacySettings(enabled=True)
+    with pytest.raises(ValueError, match="exactly one"):
+        PrivacySettings(enabled=True, noise_multiplier=1.0, target_epsilon=3.0)
+    with pytest.raises(ValueError, match="mode"):
+        PrivacySettings(enabled=True, noise_multiplier=1.0, mode="ew")  # type: ignore[arg-type]
+    assert not PrivacySettings().enabled
