@@ -31,6 +31,7 @@ from typing import Any
 
 import numpy as np
 
+from server.records import METRICS_FILE, load_metrics
 from server.server_app import pooled_scores
 from server.strategies import EVALUATE
 
@@ -57,8 +58,7 @@ def run_mode(mode: str, config: Path, seed: int, out: Path) -> float:
 
 def last_evaluations(run: Path) -> dict[str, dict[str, Any]]:
     """Each site's evaluate line of the last round in ``metrics.jsonl``."""
-    lines = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
-    evaluations = [line for line in lines if line["phase"] == EVALUATE]
+    evaluations = [line for line in load_metrics(run / METRICS_FILE) if line["phase"] == EVALUATE]
     last = max(line["round"] for line in evaluations)
     return {line["site"]: line for line in evaluations if line["round"] == last}
 
