@@ -13,7 +13,7 @@ clip shape) and :func:`num_classes` to size it without reading any site.
 from __future__ import annotations
 
 import functools
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any
@@ -282,6 +282,18 @@ def _subjects(site: LabelledSite, indices: np.ndarray) -> tuple[str, ...]:
     return tuple(sorted({site.samples[i].subject for i in indices}))
 
 
+def read_site(spec: SiteSpec) -> LabelledSite:
+    """The site's labelled samples, as every reader of a site (split or LOSO) reads them."""
+    return load_site(spec.dataset, spec.root, labels=spec.labels, subset=spec.subset)
+
+
+def open_clips(spec: SiteSpec, site: LabelledSite, indices: Sequence[int], *, train: bool, seed: int) -> ClipDataset:
+    """Prepared clips of ``site``'s samples at ``indices``; training clips augment from seed + site index, so a
+    site's augmentations are the same whichever split or fold the clips serve."""
+    options = {"train": True, "seed": seed + spec.index} if train else {"train": False}
+    return ClipDataset.from_site(site, list(indices), spec.cache, **options)
+
+
 @functools.lru_cache(maxsize=8)
 def load_data(spec: SiteSpec, split: SplitSettings) -> SiteData:
     """Read the site, split it and open its prepared clips; every DataError names the site.
@@ -289,11 +301,11 @@ def load_data(spec: SiteSpec, split: SplitSettings) -> SiteData:
     Cached per (site, split) in-process: a simulation worker serves several partitions in turn.
     """
     try:
-        site = load_site(spec.dataset, spec.root, labels=spec.labels, subset=spec.subset)
+        site = read_site(spec)
         train, val, test = split_indices(site, split, spec.index)
-        train_set = ClipDataset.from_site(site, train.tolist(), spec.cache, train=True, seed=split.seed + spec.index)
-        test_set = ClipDataset.from_site(site, test.tolist(), spec.cache, train=False)
-        val_set = ClipDataset.from_site(site, val.tolist(), spec.cache, train=False) if len(val) else None
+        train_set = open_clips(spec, site, train.tolist(), train=True, seed=split.seed)
+        test_set = open_clips(spec, site, test.tolist(), train=False, seed=split.seed)
+        val_set = open_clips(spec, site, val.tolist(), train=False, seed=split.seed) if len(val) else None
     except DataError as error:
         raise DataError(f"{spec.label}: {error}") from None
     return SiteData(spec, site, train_set, test_set, val_set, _subjects(site, test), _subjects(site, val))

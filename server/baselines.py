@@ -335,14 +335,13 @@ class WholeSite:
 
 def load_whole_sites(settings: ServerSettings) -> list[WholeSite]:
     """Every site of the run, read as the federation's node for partition ``i`` reads it (before splitting)."""
-    from client.site import SiteSpec
-    from partitions.labels import load_site
+    from client.site import SiteSpec, read_site
 
     sites = []
     for index in range(len(settings.sites)):
         spec = SiteSpec.from_config({"partition-id": index}, settings.config)
         try:
-            sites.append(WholeSite(spec, load_site(spec.dataset, spec.root, labels=spec.labels, subset=spec.subset)))
+            sites.append(WholeSite(spec, read_site(spec)))
         except DataError as error:
             raise DataError(f"{spec.label}: {error}") from None
     return sites
@@ -350,11 +349,10 @@ def load_whole_sites(settings: ServerSettings) -> list[WholeSite]:
 
 def _clips(data: WholeSite, indices: Sequence[int], train: bool, seed: int) -> ClipDataset:
     """Prepared clips of ``data``'s samples at ``indices``, as :func:`client.site.load_data` opens a split."""
-    from partitions.dataset import ClipDataset
+    from client.site import open_clips
 
-    options = {"train": True, "seed": seed + data.spec.index} if train else {"train": False}
     try:
-        return ClipDataset.from_site(data.site, list(indices), data.spec.cache, **options)
+        return open_clips(data.spec, data.site, indices, train=train, seed=seed)
     except DataError as error:
         raise DataError(f"{data.spec.label}: {error}") from None
 
