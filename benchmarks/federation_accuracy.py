@@ -31,7 +31,7 @@ from typing import Any
 
 import numpy as np
 
-from server.records import METRICS_FILE, load_metrics
+from server.records import METRICS_FILE, SUMMARY_FILE, load_metrics
 from server.server_app import pooled_scores
 from server.strategies import EVALUATE
 
@@ -48,12 +48,21 @@ def mode_command(mode: str) -> list[str]:
 
 
 def run_mode(mode: str, config: Path, seed: int, out: Path) -> float:
-    """One command to completion (its console goes to ``out``.log); its wall seconds."""
+    """One command to completion (its console goes to ``out``.log); its wall seconds.
+
+    A run directory that already holds a finished run (its ``summary.json``) is kept, and the wall seconds
+    its log recorded are reused, so an interrupted benchmark resumes where it stopped (``--runs``).
+    """
+    seconds_file = out.with_suffix(".seconds")
+    if (out / SUMMARY_FILE).is_file() and seconds_file.is_file():
+        return float(seconds_file.read_text())
     command = [str(FEDMER), *mode_command(mode), "--config", str(config), "--seed", str(seed), "--out", str(out)]
     start = time.perf_counter()
     with open(f"{out}.log", "w", encoding="utf-8") as log:
         subprocess.run(command, cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, check=True, env=os.environ.copy())
-    return time.perf_counter() - start
+    seconds = time.perf_counter() - start
+    seconds_file.write_text(f"{seconds:.1f}\n")
+    return seconds
 
 
 def last_evaluations(run: Path) -> dict[str, dict[str, Any]]:
@@ -91,16 +100,19 @@ def main() -> None:
     parser.add_argument("--strategies", default="fedavg", help="comma-separated strategies of the federated runs")
     parser.add_argument("--baselines", default="central,local", help="which of central,local ('' for none)")
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/federation_accuracy.json")
+    parser.add_argument("--runs", type=Path, help="keep the run directories here and resume finished ones")
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
     strategies = [f"federated-{name.strip()}" for name in args.strategies.split(",") if name.strip()]
     modes = strategies + [name.strip() for name in args.baselines.split(",") if name.strip()]
     runs: dict[str, list[Path]] = {mode: [] for mode in modes}
     seconds: dict[str, list[float]] = {mode: [] for mode in modes}
-    with tempfile.TemporaryDirectory(prefix="fedmer-accuracy-") as scratch:
+    with tempfile.TemporaryDirectory(prefix="fedmer-accuracy-") as temporary:
+        scratch = args.runs or Path(temporary)
+        scratch.mkdir(parents=True, exist_ok=True)
         for seed in seeds:
             for mode in modes:
-                out = Path(scratch) / f"{mode}-seed{seed}"
+                out = scratch / f"{mode}-seed{seed}"
                 print(f"seed {seed}: {mode} ...", flush=True)
                 seconds[mode].append(run_mode(mode, args.config.resolve(), seed, out))
                 runs[mode].append(out)

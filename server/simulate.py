@@ -54,6 +54,7 @@ RUN_ENV = {  # set before flwr is first imported: its telemetry reads the variab
     "FLWR_DISABLE_UPDATE_CHECK": "1",
     "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION": "1",
     "RAY_ACCEL_ENV_VAR_OVERRIDE_ON_ZERO": "0",  # Ray's future default; silences its FutureWarning
+    "RAY_worker_niceness": "0",  # Ray starts workers at nice 15: any other job on the machine starved the sites
 }
 
 
