@@ -43,7 +43,7 @@ def private_step(model, loss_fn: MultitaskLoss, batch: dict[str, torch.Tensor], 
     settings = PrivacySettings(enabled=True, noise_multiplier=1.0, max_grad_norm=1.0, poisson_sampling=False, mode=mode)
     loader = DataLoader(TensorDataset(torch.zeros(BATCH)), batch_size=BATCH)
     optimizer = torch.optim.Adam(model.parameters(), lr=1e-4)
-    private = make_private(model, optimizer, loader, settings, loss_fn=loss_fn)
+    private = make_private(model, optimizer, loader, settings, loss_fn=loss_fn, noise_multiplier=1.0)
 
     def step() -> None:
         private.optimizer.zero_grad(set_to_none=True)

@@ -9,9 +9,11 @@ Each seed runs the three commands a user would run, with the same run config (``
 Every mode trains ``rounds x local-epochs`` epochs over each site's training clips and is scored after the
 last round on the same held-out subjects: no round is selected on test subjects. A seed changes the model's
 initialisation, the held-out subjects and the shuffling, so pooling seeds pools different test subjects.
-Scores per mode: UF1 / UAR from the confusion matrices summed over sites and seeds (MEGC2019's composite
-pooling), per seed the same over sites, and for ``local`` also the mean of the sites' own UF1 (what the
-average site gets alone). JSON: ``benchmarks/results/federation_accuracy.json``.
+``--epsilons 1,3,8`` adds, for each strategy, one federated run per DP budget (every site under sample-level
+DP-SGD with that target epsilon for the whole run). Scores per mode: UF1 / UAR from the confusion matrices
+summed over sites and seeds (MEGC2019's composite pooling), per seed the same over sites, and for ``local``
+also the mean of the sites' own UF1 (what the average site gets alone). JSON:
+``benchmarks/results/federation_accuracy.json``.
 
     .venv/bin/python benchmarks/federation_accuracy.py --config benchmarks/federation_accuracy.toml \
         --strategies fedavg,fedavgm --seeds 0
@@ -31,7 +33,7 @@ from typing import Any
 
 import numpy as np
 
-from server.records import METRICS_FILE, SUMMARY_FILE, load_metrics
+from server.records import METRICS_FILE, SUMMARY_FILE, load_metrics, load_summary
 from server.server_app import pooled_scores
 from server.strategies import EVALUATE
 
@@ -41,9 +43,12 @@ BASELINES = {"central": ["train", "--mode", "central"], "local": ["train", "--mo
 
 
 def mode_command(mode: str) -> list[str]:
-    """``federated-<strategy>`` -> ``simulate --strategy <strategy>``; a baseline -> ``train --mode <mode>``."""
+    """``federated-<strategy>`` -> ``simulate --strategy <strategy>``, ``federated-<strategy>-dp<epsilon>`` -> the
+    same with sample-level DP at every site (``--dp --target-epsilon <epsilon>``); a baseline -> ``train --mode``."""
     if mode.startswith("federated-"):
-        return ["simulate", "--strategy", mode.removeprefix("federated-")]
+        strategy, _, epsilon = mode.removeprefix("federated-").partition("-dp")
+        private = ["--dp", "--target-epsilon", epsilon] if epsilon else []
+        return ["simulate", "--strategy", strategy, *private]
     return BASELINES[mode]
 
 
@@ -89,8 +94,17 @@ def summarise(runs: dict[str, list[Path]]) -> dict[str, Any]:
             "sites": {site: scored([evaluations[site]["confusion"] for evaluations in per_seed]) for site in sites},
         }
         entry["site_mean_uf1"] = float(np.mean([entry["sites"][site]["uf1"] for site in sites]))
+        spent = [dp["epsilon"] for path in paths for dp in site_privacy(path) if dp is not None]
+        if spent:
+            entry["max_site_epsilon"] = max(spent)  # what the run actually spent, at each site's own delta
         result[mode] = entry
     return result
+
+
+def site_privacy(run: Path) -> list[dict[str, Any] | None]:
+    """Each site's ``dp`` entry in the run's ``summary.json`` (none without sample-level DP)."""
+    summary = load_summary(run / SUMMARY_FILE)
+    return [values.get("dp") for values in summary["sites"].values()]
 
 
 def main() -> None:
@@ -99,11 +113,17 @@ def main() -> None:
     parser.add_argument("--seeds", default="0", help="comma-separated run seeds")
     parser.add_argument("--strategies", default="fedavg", help="comma-separated strategies of the federated runs")
     parser.add_argument("--baselines", default="central,local", help="which of central,local ('' for none)")
+    parser.add_argument(
+        "--epsilons", default="", help="comma-separated DP budgets: each strategy also runs with --dp at each"
+    )
     parser.add_argument("--out", type=Path, default=ROOT / "benchmarks/results/federation_accuracy.json")
     parser.add_argument("--runs", type=Path, help="keep the run directories here and resume finished ones")
     args = parser.parse_args()
     seeds = [int(seed) for seed in args.seeds.split(",")]
-    strategies = [f"federated-{name.strip()}" for name in args.strategies.split(",") if name.strip()]
+    names = [name.strip() for name in args.strategies.split(",") if name.strip()]
+    epsilons = [epsilon.strip() for epsilon in args.epsilons.split(",") if epsilon.strip()]
+    strategies = [f"federated-{name}" for name in names]
+    strategies += [f"federated-{name}-dp{epsilon}" for name in names for epsilon in epsilons]
     modes = strategies + [name.strip() for name in args.baselines.split(",") if name.strip()]
     runs: dict[str, list[Path]] = {mode: [] for mode in modes}
     seconds: dict[str, list[float]] = {mode: [] for mode in modes}

@@ -25,15 +25,28 @@ from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MetricRecord, 
 from flwr.clientapp import ClientApp
 
 from client import protocol as p
-from client.site import RunSettings, SiteData, SiteSpec, SplitSettings, load_data
+from client.privacy import (
+    BudgetExhausted,
+    PrivacyLedger,
+    PrivacySettings,
+    RunLength,
+    default_delta,
+    history_entries,
+    plan_round,
+)
+from client.privacy.central import central_clipping_mod
+from client.site import RunSettings, SiteData, SiteSpec, SplitSettings, load_data, privacy_settings
 from client.task import (
     EpochCallback,
     LocalTraining,
+    PrivateRound,
     au_cooccurrence,
     check_prefixes,
     evaluate_local,
     evaluate_metrics,
     load_arrays,
+    privacy_metrics,
+    seeded_loader,
     set_au_prior,
     split_state,
     train_local,
@@ -43,6 +56,8 @@ from models import F5CNet, ModelConfig, build_model
 
 LOCAL_ARRAYS = "local-arrays"
 """``context.state`` key of this site's local parameters (absent until its first train round)."""
+PRIVACY_LEDGER = "privacy-ledger"
+"""``context.state`` key of this site's DP ledger (:class:`client.privacy.PrivacyLedger`): every release so far."""
 
 log = logging.getLogger("fedmer.client")
 
@@ -132,21 +147,69 @@ def _epoch_logger(spec: SiteSpec, options: LocalTraining) -> EpochCallback:
     return log_epoch
 
 
+def _ledger(context: Context) -> PrivacyLedger:
+    return PrivacyLedger.from_record(context.state.get(PRIVACY_LEDGER, None))
+
+
+def _keep_ledger(context: Context, ledger: PrivacyLedger) -> None:
+    context.state[PRIVACY_LEDGER] = ConfigRecord(ledger.record())
+
+
+def _private_round(
+    privacy: PrivacySettings, ledger: PrivacyLedger, settings: RunSettings, options: LocalTraining, data: SiteData
+) -> PrivateRound:
+    """This round's DP-SGD (noise fixed over the whole run at the first round); BudgetExhausted when the round
+    would overspend the site's ``dp-target-epsilon``."""
+    steps_per_epoch = len(seeded_loader(data.train, options.batch_size, shuffle=False, seed=0))
+    plan = plan_round(
+        ledger,
+        RunLength(max(settings.rounds, options.server_round), options.epochs, steps_per_epoch),
+        delta=privacy.delta if privacy.delta is not None else default_delta(len(data.train)),
+        noise_multiplier=privacy.noise_multiplier,
+        target_epsilon=privacy.target_epsilon,
+    )
+    return PrivateRound(privacy, plan.noise_multiplier, ledger.training_history())
+
+
+def _exhausted_reply(msg: Message, spec: SiteSpec, ledger: PrivacyLedger, reason: str) -> Message:
+    """The reply of a site that may not train any more: its spending and the reason, no arrays."""
+    log.warning("%s: %s; it stops training, the federation goes on without it", spec.label, reason)
+    metrics = {p.NUM_EXAMPLES: 0, p.SITE_INDEX: spec.index, **privacy_metrics(ledger, exhausted=True)}
+    return Message(RecordDict({p.METRICS: MetricRecord(metrics)}), reply_to=msg)
+
+
 # ----------------------------------------------------------------------------------------------- handlers
 
 
 def train(msg: Message, context: Context) -> Message:
-    """Local training from the received shared arrays; reply with the shared arrays and the round's metrics."""
+    """Local training from the received shared arrays; reply with the shared arrays and the round's metrics.
+
+    Under sample-level DP (``dp``) the site trains by DP-SGD, keeps its ledger in ``context.state`` and reports
+    its cumulative epsilon; once its ``dp-target-epsilon`` is spent it replies without arrays (see protocol)."""
     spec, settings, data = _site(context)
     options = _training_options(_config(msg), settings, spec)
+    privacy = privacy_settings(context.node_config, context.run_config)
+    ledger = _ledger(context) if privacy.enabled else None
+    private = None
+    if privacy.enabled:
+        assert ledger is not None
+        try:
+            private = _private_round(privacy, ledger, settings, options, data)
+        except BudgetExhausted as exhausted:
+            _keep_ledger(context, ledger)
+            return _exhausted_reply(msg, spec, ledger, str(exhausted))
     model = _received_model(msg, context, settings, data)
-    outcome = train_local(model, data.train, data.num_classes, options, on_epoch=_epoch_logger(spec, options))
+    on_epoch = _epoch_logger(spec, options)
+    outcome = train_local(model, data.train, data.num_classes, options, on_epoch=on_epoch, privacy=private)
+    if ledger is not None:
+        ledger.training = history_entries(outcome.privacy_history)
+        _keep_ledger(context, ledger)
     shared, local = split_state(model.state_dict(), settings.local_params)
     if local:
         context.state[LOCAL_ARRAYS] = ArrayRecord(torch_state_dict=local)
     arrays = ArrayRecord(torch_state_dict=shared)
-    metrics = MetricRecord(train_metrics(spec.index, outcome, arrays.count_bytes()))
-    return Message(RecordDict({p.ARRAYS: arrays, p.METRICS: metrics}), reply_to=msg)
+    metrics = train_metrics(spec.index, outcome, arrays.count_bytes(), privacy_metrics(ledger))
+    return Message(RecordDict({p.ARRAYS: arrays, p.METRICS: MetricRecord(metrics)}), reply_to=msg)
 
 
 def evaluate(msg: Message, context: Context) -> Message:
@@ -175,9 +238,15 @@ def evaluate(msg: Message, context: Context) -> Message:
 
 def query(msg: Message, context: Context) -> Message:
     """The site's index and its AU co-occurrence counts over the training split (the only AU statistics that
-    leave the site)."""
-    spec, _settings, data = _site(context)
-    counts, samples = au_cooccurrence(data.train.samples)
+    leave the site); under DP noised, and the release entered in the site's ledger."""
+    spec, settings, data = _site(context)
+    privacy = privacy_settings(context.node_config, context.run_config)
+    noise = privacy.query_noise if privacy.enabled else None
+    counts, samples = au_cooccurrence(data.train.samples, noise, seed=_round_seed(settings, spec, 0))
+    if noise is not None:
+        ledger = _ledger(context)
+        ledger.queries.append(noise)
+        _keep_ledger(context, ledger)
     values = {
         p.SITE_INDEX: spec.index,
         p.COUNTS: [int(v) for v in counts.flatten().round().tolist()],
@@ -228,7 +297,7 @@ def make_client_app(overrides: Mapping[str, Any] | None = None) -> ClientApp:
 
         return handle
 
-    client_app.train()(bind(train))
+    client_app.train(mods=[central_clipping_mod])(bind(train))  # first: it must see the reply that leaves
     client_app.evaluate()(bind(evaluate))
     client_app.query()(bind(query))
     return client_app

@@ -8,7 +8,9 @@ train (server -> site): ``ARRAYS`` the shared parameters; ``CONFIG`` with ``SERV
 (the global AU co-occurrence prior, 144 floats row-major, empty to keep the published one).
 train (site -> server): ``ARRAYS`` (the shared parameters after local training) and ``METRICS`` holding
 ``NUM_EXAMPLES`` and every key of ``TRAIN_METRIC_KEYS``; the same keys from every site (Flower's strategies
-refuse replies whose keys differ).
+refuse replies whose keys differ), so a site without sample-level DP sends ``DP_EPSILON`` inf and zeros. A site
+whose privacy budget is spent replies with ``DP_EXHAUSTED`` 1 and no ``ARRAYS``: the server leaves it out of the
+aggregate and goes on with the others.
 evaluate (site -> server): ``METRICS`` with ``NUM_EXAMPLES`` and ``EVALUATE_METRIC_KEYS``; ``"confusion"`` is the
 CxC confusion matrix of the site's test split (row = true class, column = predicted), flattened row-major as
 ints, so the server can pool the sites' predictions (MEGC2019 composite UF1 / UAR) from the summed matrices.
@@ -36,6 +38,14 @@ SITE_INDEX = "site-index"  # position of the site in the federation's site list:
 COUNTS = "counts"
 SAMPLES = "samples"
 
+DP_EPSILON = "dp-epsilon"  # the site's epsilon spent so far in the run (inf without sample-level DP)
+DP_DELTA = "dp-delta"
+DP_NOISE_MULTIPLIER = "dp-noise-multiplier"
+DP_SAMPLE_RATE = "dp-sample-rate"
+DP_STEPS = "dp-steps"  # DP-SGD steps so far in the run
+DP_EXHAUSTED = "dp-exhausted"  # 1: the site's budget is spent, it did not train and sent no arrays
+DP_METRIC_KEYS = (DP_EPSILON, DP_DELTA, DP_NOISE_MULTIPLIER, DP_SAMPLE_RATE, DP_STEPS, DP_EXHAUSTED)
+
 TRAIN_METRIC_KEYS = (
     SITE_INDEX,
     "loss",
@@ -46,6 +56,7 @@ TRAIN_METRIC_KEYS = (
     "train-uf1",
     "train-seconds",
     "bytes-sent",
+    *DP_METRIC_KEYS,
 )
 EVALUATE_METRIC_KEYS = (
     SITE_INDEX,

@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.privacy import MODES, PrivacySettings
 from models import LossWeights, ModelConfig, preset
 from partitions.adapters import ADAPTERS, canonical_database
 from partitions.cache import PrepareConfig
@@ -55,6 +56,26 @@ def _text(config: Config, key: str) -> str:
     return str(config.get(key, "")).strip()
 
 
+def _flag(config: Config, key: str, default: bool) -> bool:
+    """A yes/no setting: a bool, 0/1, or true/false/yes/no/on/off; DataError naming the key otherwise."""
+    value = config.get(key, default)
+    if isinstance(value, bool):
+        return value
+    text = str(value).strip().lower()
+    if text in {"1", "true", "yes", "on"}:
+        return True
+    if text in {"0", "false", "no", "off", ""}:
+        return False
+    raise DataError(f"run config {key}={value!r} is not a yes/no value; give {key}=true or {key}=false")
+
+
+def _optional_number(config: Config, key: str) -> float | None:
+    """A number that may be left out (absent or '' -> None)."""
+    if _text(config, key) == "":
+        return None
+    return _setting(config, key, 0.0, float)
+
+
 def _names(value: str) -> tuple[str, ...]:
     """Comma-separated list -> stripped non-empty names."""
     return tuple(name.strip() for name in value.split(",") if name.strip())
@@ -74,6 +95,7 @@ class RunSettings:
     val_fraction: float = 0.0
     local_params: tuple[str, ...] = ()
     weights: LossWeights = field(default_factory=LossWeights)
+    rounds: int = 3  # num-server-rounds: a DP site plans its noise over the whole run
 
     @classmethod
     def from_config(cls, run_config: Config) -> RunSettings:
@@ -91,6 +113,7 @@ class RunSettings:
             test_fraction=_setting(run_config, "test-fraction", defaults.test_fraction, float),
             val_fraction=_setting(run_config, "val-fraction", defaults.val_fraction, float),
             local_params=_names(_text(run_config, "local-params")),
+            rounds=_setting(run_config, "num-server-rounds", defaults.rounds, int),
             weights=LossWeights(
                 mer=_setting(run_config, "weight-mer", base.mer, float),
                 flow=_setting(run_config, "weight-flow", base.flow, float),
@@ -124,6 +147,45 @@ class RunSettings:
         return preset(
             self.preset, num_classes=classes, ccc_graph=self.ccc_graph, frames=prepare.t, image_size=prepare.size
         )
+
+
+PRIVACY_KEYS = (
+    "dp",
+    "dp-target-epsilon",
+    "dp-noise-multiplier",
+    "dp-max-grad-norm",
+    "dp-delta",
+    "dp-poisson",
+    "dp-mode",
+    "dp-query-noise",
+)
+"""Sample-level DP settings: run config keys, each overridable per site in its node config."""
+
+
+def privacy_settings(node_config: Config, run_config: Config) -> PrivacySettings:
+    """The site's DP settings: the run config's ``dp-*`` keys, with the node config's own ``dp-*`` keys winning
+    (a site may demand a smaller budget than the federation's). DataError naming the key for a bad value."""
+    config = {**run_config, **{key: value for key, value in node_config.items() if key in PRIVACY_KEYS}}
+    defaults = PrivacySettings()
+    mode = _text(config, "dp-mode") or defaults.mode
+    if mode not in MODES:
+        raise DataError(f"dp-mode={mode!r} is not a per-sample gradient mode; use one of {', '.join(MODES)}")
+    try:
+        return PrivacySettings(
+            enabled=_flag(config, "dp", False),
+            noise_multiplier=_optional_number(config, "dp-noise-multiplier"),
+            target_epsilon=_optional_number(config, "dp-target-epsilon"),
+            max_grad_norm=_setting(config, "dp-max-grad-norm", defaults.max_grad_norm, float),
+            delta=_optional_number(config, "dp-delta"),
+            poisson_sampling=_flag(config, "dp-poisson", defaults.poisson_sampling),
+            mode=mode,  # type: ignore[arg-type]
+            query_noise=_setting(config, "dp-query-noise", defaults.query_noise, float),
+        )
+    except ValueError as error:  # PrivacySettings names the field; say which keys set it
+        raise DataError(
+            f"dp settings: {error}; set dp-target-epsilon and/or dp-noise-multiplier, dp-max-grad-norm, dp-delta, "
+            "dp-query-noise in the run config (or a site's node config)"
+        ) from None
 
 
 def resolve_device(name: str) -> str:

@@ -8,9 +8,11 @@ dropout, shuffling, augmentation) is seeded by the caller, so one config gives o
 
 from __future__ import annotations
 
+import math
 import time
+import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any
 
 import numpy as np
@@ -20,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from client import protocol
+from client.privacy import HistoryRecord, PrivacyLedger, PrivacySettings, make_private, noised_cooccurrence
 from client.training import Predictions, predict, scores, train_epoch
 from models import F5CNet, LossWeights, MultitaskLoss
 from models.au_graph import N_AUS, cooccurrence_counts
@@ -95,6 +98,17 @@ def proximal_term(model: nn.Module, anchor: Mapping[str, Tensor]) -> Tensor:
     return sum((parameters[name] - value).pow(2).sum() for name, value in anchor.items())
 
 
+@torch.no_grad()
+def add_proximal_gradient(model: nn.Module, anchor: Mapping[str, Tensor], mu: float) -> None:
+    """Add the gradient of ``(mu / 2) ||w - w_global||^2``, ``mu (w - w_global)``, to the parameters' gradients:
+    under DP this happens after clipping and noise, since the term does not touch the data."""
+    parameters = dict(model.named_parameters())
+    for name, value in anchor.items():
+        parameter = parameters[name]
+        if parameter.grad is not None:
+            parameter.grad.add_(parameter - value, alpha=mu)
+
+
 # ----------------------------------------------------------------------------------------------- seeding
 
 
@@ -125,37 +139,95 @@ class LocalTraining:
 
 
 @dataclass(frozen=True)
+class PrivateRound:
+    """DP-SGD for one round: the site's settings, the run's noise and the accountant history of earlier rounds."""
+
+    settings: PrivacySettings
+    noise_multiplier: float
+    history: HistoryRecord | None = None
+
+
+@dataclass(frozen=True)
 class TrainOutcome:
-    """The last local epoch's mean loss terms and train UF1 (on augmented clips, in train mode)."""
+    """The last local epoch's mean loss terms and train UF1 (on augmented clips, in train mode); under DP also
+    the accountant history including this round."""
 
     terms: dict[str, float]
     train_uf1: float
     seconds: float
     examples: int
+    privacy_history: HistoryRecord | None = None
 
 
 EpochCallback = Callable[[int, dict[str, float]], None]
 
 
 def train_local(
-    model: F5CNet, dataset: Dataset, num_classes: int, options: LocalTraining, on_epoch: EpochCallback | None = None
+    model: F5CNet,
+    dataset: Dataset,
+    num_classes: int,
+    options: LocalTraining,
+    on_epoch: EpochCallback | None = None,
+    privacy: PrivateRound | None = None,
 ) -> TrainOutcome:
-    """Train ``model`` in place for ``options.epochs`` epochs with Adam (fresh each round) and FedProx if mu > 0."""
+    """Train ``model`` in place for ``options.epochs`` epochs with Adam (fresh each round) and FedProx if mu > 0;
+    with ``privacy``, by DP-SGD on Poisson batches (Opacus), the proximal gradient added after the noise."""
     torch.manual_seed(options.seed)
     model.to(options.device)
     anchor = shared_trainable(model, options.local_params) if options.mu > 0 else {}
     optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=options.lr)
     loss_fn = MultitaskLoss(options.weights)
     loader = seeded_loader(dataset, options.batch_size, shuffle=True, seed=options.seed)
+    if privacy is None:
+        penalty = (lambda: options.mu / 2 * proximal_term(model, anchor)) if anchor else None
+        return _train_epochs(model, model, loader, optimizer, loss_fn, dataset, num_classes, options, on_epoch, penalty)
+    private = make_private(
+        model,
+        optimizer,
+        loader,
+        privacy.settings,
+        loss_fn=loss_fn,
+        noise_multiplier=privacy.noise_multiplier,
+        history=privacy.history,
+        generator=torch.Generator(device=options.device).manual_seed(options.seed),
+        after_noise=(lambda: add_proximal_gradient(model, anchor, options.mu)) if anchor else None,
+    )
+    try:
+        with warnings.catch_warnings():
+            # Opacus's hooks on the first layer, whose input (the clip) needs no gradient, and functorch's autocast
+            # probe on CPU: both harmless, and once per step they would bury the progress lines
+            warnings.filterwarnings("ignore", message="Full backward hook is firing")
+            warnings.filterwarnings("ignore", message="In CPU autocast")
+            outcome = _train_epochs(
+                model, private.model, private.loader, private.optimizer, private.loss, dataset, num_classes, options,
+                on_epoch,
+            )
+    finally:
+        private.release()  # the plain network again: hooks off, per-sample gradients dropped
+    return replace(outcome, privacy_history=private.history())
+
+
+def _train_epochs(
+    model: F5CNet,
+    forward: nn.Module,
+    loader: Iterable[Any],
+    optimizer: torch.optim.Optimizer,
+    loss_fn: Callable[..., tuple[Any, dict[str, float]]],
+    dataset: Dataset,
+    num_classes: int,
+    options: LocalTraining,
+    on_epoch: EpochCallback | None,
+    penalty: Callable[[], Tensor] | None = None,
+) -> TrainOutcome:
+    """The epoch loop shared by plain and DP training (``forward``: the model or its per-sample wrapper)."""
     start = time.perf_counter()
     terms, uf1 = dict.fromkeys(LOSS_TERMS, 0.0), 0.0
     for epoch in range(options.epochs):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(options.first_epoch + epoch)
         predictions = Predictions()
-        penalty = (lambda: options.mu / 2 * proximal_term(model, anchor)) if anchor else None
         means = train_epoch(
-            model,
+            forward,
             loader,
             optimizer,
             loss_fn,
@@ -227,23 +299,40 @@ def evaluate_local(
 # ----------------------------------------------------------------------------------------------- AU statistics
 
 
-def au_cooccurrence(samples: Sequence[Sample]) -> tuple[Tensor, int]:
-    """(12, 12) co-occurrence counts over the samples whose database codes AUs, and how many those are.
+def au_cooccurrence(
+    samples: Sequence[Sample], noise_multiplier: float | None = None, seed: int = 0
+) -> tuple[Tensor, int]:
+    """(12, 12) co-occurrence counts over the samples whose database codes AUs, and how many those are; with a
+    ``noise_multiplier``, released through the Gaussian mechanism (:func:`client.privacy.noised_cooccurrence`).
 
     Only these additive counts leave the site; the server sums them and builds the prior
     (:func:`models.au_graph.cooccurrence_from_counts`).
     """
     coded = [s for s in samples if s.has_action_units]
     targets = np.stack([au_target(s) for s in coded]) if coded else np.zeros((0, N_AUS), dtype=np.float32)
+    if noise_multiplier is not None:
+        return noised_cooccurrence(torch.from_numpy(targets), noise_multiplier, torch.Generator().manual_seed(seed))
     return cooccurrence_counts(torch.from_numpy(targets)), len(coded)
 
 
 # ----------------------------------------------------------------------------------------------- reported metrics
 
 
-def train_metrics(site_index: int | None, outcome: TrainOutcome, bytes_sent: int) -> dict[str, Any]:
+def privacy_metrics(ledger: PrivacyLedger | None, exhausted: bool = False) -> dict[str, float | int]:
+    """The site's ``DP_METRIC_KEYS`` values: its spending so far, or epsilon inf (no guarantee) without DP."""
+    if ledger is None or ledger.delta is None:
+        values: tuple[float | int, ...] = (math.inf, 0.0, 0.0, 0.0, 0)
+    else:
+        values = (ledger.epsilon(), ledger.delta, ledger.noise_multiplier or 0.0, ledger.sample_rate, ledger.steps)
+    return dict(zip(protocol.DP_METRIC_KEYS, (*values, int(exhausted)), strict=True))
+
+
+def train_metrics(
+    site_index: int | None, outcome: TrainOutcome, bytes_sent: int, privacy: Mapping[str, float | int] | None = None
+) -> dict[str, Any]:
     """A train reply's metrics: ``num-examples`` and exactly the contract's ``TRAIN_METRIC_KEYS`` (without
-    ``site-index`` when ``site_index`` is None: a central baseline belongs to no site)."""
+    ``site-index`` when ``site_index`` is None: a central baseline belongs to no site). ``privacy``: the
+    :func:`privacy_metrics` (default: no DP)."""
     terms = outcome.terms
     values = {
         protocol.SITE_INDEX: site_index,
@@ -255,6 +344,7 @@ def train_metrics(site_index: int | None, outcome: TrainOutcome, bytes_sent: int
         "train-uf1": outcome.train_uf1,
         "train-seconds": outcome.seconds,
         "bytes-sent": bytes_sent,
+        **(privacy if privacy is not None else privacy_metrics(None)),
     }
     keys = [key for key in protocol.TRAIN_METRIC_KEYS if not (key == protocol.SITE_INDEX and site_index is None)]
     return {protocol.NUM_EXAMPLES: outcome.examples, **{key: values[key] for key in keys}}

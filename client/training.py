@@ -44,7 +44,8 @@ def train_epoch(
     penalty: Callable[[], Tensor] | None = None,
     predictions: Predictions | None = None,
 ) -> dict[str, float]:
-    """One pass over the batches; returns the mean of each loss term (and ``loss``, the weighted total).
+    """One pass over the batches; returns the mean of each loss term (and ``loss``, the weighted total) over the
+    non-empty batches. ``model`` may be a per-sample gradient wrapper and ``loss_fn`` its DP loss.
 
     ``penalty`` (e.g. FedProx's proximal term) joins the objective but not the reported loss, so losses stay
     comparable across settings; ``predictions``, when given, collects the training predictions (train UF1).
@@ -53,12 +54,16 @@ def train_epoch(
     sums: dict[str, float] = {}
     steps = 0
     for batch in batches:
+        if not batch:  # Opacus's Poisson loader when its very first batch is empty: it knows no structure yet
+            continue
         batch = to_device(batch, torch.device(device))
         optimizer.zero_grad(set_to_none=True)
         output = forward_batch(model, batch, prior_weight)
         total, terms = loss_fn(output, batch)
         (total + penalty() if penalty is not None else total).backward()
-        optimizer.step()
+        optimizer.step()  # an empty Poisson batch still steps: DP-SGD releases noise for it
+        if len(batch["label"]) == 0:
+            continue
         terms["loss"] = float(total.detach())
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value

@@ -44,6 +44,8 @@ CHECKPOINTS = "checkpoints"
 PLOT_FILE = "rounds.png"
 
 SITE_KEYS = ("uf1", "uar", "accuracy", "epe", "nme")
+SITE_DP_KEYS = ("noise_multiplier", "sample_rate", "steps", "delta", "epsilon")
+"""A site's sample-level DP spending in ``summary.json`` (``sites[site]["dp"]``, present when the run used DP)."""
 POOLED_KEYS = ("uf1", "uar")
 RESERVED_KEYS = ("round", "phase", "site")
 ROUND_PHASE = "round"  # the phase of a round's own line (no site): its wall time, for the federation's overhead
@@ -132,10 +134,15 @@ class RunDirectory:
             raise ValueError(f"phase and site must be non-empty, got phase={phase!r}, site={site!r}")
         self._append_line({"round": int(server_round), "phase": phase, "site": site, **metrics})
 
-    def append_round(self, server_round: int, seconds: float) -> None:
-        """One line ``{"round", "phase": "round", "seconds"}``: the round's wall time as the server saw it (train
-        and evaluate of every site, aggregation, records), so the federation's overhead can be measured."""
-        self._append_line({"round": int(server_round), "phase": ROUND_PHASE, "seconds": float(seconds)})
+    def append_round(self, server_round: int, seconds: float, extra: Mapping[str, Any] | None = None) -> None:
+        """One line ``{"round", "phase": "round", "seconds", **extra}``: the round's wall time as the server saw it
+        (train and evaluate of every site, aggregation, records), so the federation's overhead can be measured,
+        and what else belongs to the round as a whole (user-level DP's cumulative epsilon)."""
+        clash = [key for key in (*RESERVED_KEYS, "seconds") if key in (extra or {})]
+        if clash:
+            raise ValueError(f"round extras may not use the reserved keys {clash}")
+        line = {"round": int(server_round), "phase": ROUND_PHASE, "seconds": float(seconds), **(extra or {})}
+        self._append_line(line)
 
     def _append_line(self, document: Mapping[str, Any]) -> None:
         line = json.dumps(_plain(document), allow_nan=False)
@@ -189,15 +196,33 @@ def _pick(values: Mapping[str, Any], keys: tuple[str, ...], where: str) -> dict[
     return {key: _score(values[key], f"{where} {key}") for key in keys}
 
 
+def _site_entry(values: Mapping[str, Any], where: str) -> dict[str, Any]:
+    """A site's scores, and its ``dp`` spending when given (None: the site trained without DP)."""
+    entry: dict[str, Any] = _pick(values, SITE_KEYS, where)
+    if "dp" in values:
+        dp = values["dp"]
+        entry["dp"] = None if dp is None else _pick_exact(dp, SITE_DP_KEYS, f"{where} dp")
+    return entry
+
+
+def _pick_exact(values: Mapping[str, Any], keys: tuple[str, ...], where: str) -> dict[str, Any]:
+    """Like ``_pick`` but unrounded: a delta of 1e-5 or an epsilon must survive as written."""
+    missing = [key for key in keys if key not in values]
+    if missing:
+        raise ValueError(f"{where} lacks {missing}; it needs {list(keys)}")
+    return {key: _plain(values[key]) for key in keys}
+
+
 def summary_document(rounds: int, sites: Mapping[str, Mapping[str, Any]], pooled: Mapping[str, Any]) -> dict[str, Any]:
-    """Validated summary: ``{"rounds": R, "sites": {site: {SITE_KEYS}}, "pooled": {POOLED_KEYS}}``."""
+    """Validated summary: ``{"rounds": R, "sites": {site: {SITE_KEYS[, "dp": {SITE_DP_KEYS}]}}, "pooled":
+    {POOLED_KEYS}}``."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
     if not sites:
         raise ValueError("summary needs at least one site")
     return {
         "rounds": rounds,
-        "sites": {str(site): _pick(values, SITE_KEYS, f"site {site!r}") for site, values in sites.items()},
+        "sites": {str(site): _site_entry(values, f"site {site!r}") for site, values in sites.items()},
         "pooled": _pick(pooled, POOLED_KEYS, "pooled"),
     }
 
@@ -238,15 +263,22 @@ def _cell(value: Any) -> str:
 
 
 def site_table(summary: Mapping[str, Any]) -> Table:
-    """Rich table of a summary: one row per site (UF1, UAR, accuracy, EPE, NME) and a pooled row."""
+    """Rich table of a summary: one row per site (UF1, UAR, accuracy, EPE, NME, and the site's epsilon when the
+    run used sample-level DP) and a pooled row."""
     table = Table(title=f"fedmer after {summary['rounds']} rounds")
     table.add_column("Site")
-    for header in ("UF1", "UAR", "Accuracy", "EPE", "NME"):
+    private = any("dp" in values for values in summary["sites"].values())
+    for header in ("UF1", "UAR", "Accuracy", "EPE", "NME", *(("ε (δ)",) if private else ())):
         table.add_column(header, justify="right")
     for site, values in summary["sites"].items():
-        table.add_row(site, *(_cell(values.get(key)) for key in SITE_KEYS))
+        cells = [_cell(values.get(key)) for key in SITE_KEYS]
+        if private:
+            dp = values.get("dp")
+            cells.append("no DP" if not dp or dp["epsilon"] is None else f"{dp['epsilon']:.2f} ({dp['delta']:.0e})")
+        table.add_row(site, *cells)
     pooled = summary["pooled"]
-    table.add_row("pooled", _cell(pooled.get("uf1")), _cell(pooled.get("uar")), "—", "—", "—", style="bold")
+    pooled_cells = [_cell(pooled.get("uf1")), _cell(pooled.get("uar")), "—", "—", "—", *(("—",) if private else ())]
+    table.add_row("pooled", *pooled_cells, style="bold")
     return table
 
 

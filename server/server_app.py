@@ -35,6 +35,7 @@ import numpy as np
 import torch
 from flwr.app import ArrayRecord, ConfigRecord, Context, Message, MessageType, MetricRecord, RecordDict
 from flwr.serverapp import Grid, ServerApp
+from flwr.serverapp.exception import PrivacyBudgetExhausted
 from flwr.serverapp.strategy import Strategy
 from rich.console import Console
 
@@ -42,6 +43,11 @@ from client.protocol import (
     AU_COUNTS,
     CONFIG,
     COOCCURRENCE,
+    DP_DELTA,
+    DP_EPSILON,
+    DP_NOISE_MULTIPLIER,
+    DP_SAMPLE_RATE,
+    DP_STEPS,
     LOCAL_EPOCHS,
     LR,
     PRIOR_WEIGHT,
@@ -49,12 +55,13 @@ from client.protocol import (
     SERVER_ROUND,
     SITE_INDEX,
 )
-from client.site import DEFAULT_LABELS, RunSettings, num_classes
+from client.site import DEFAULT_LABELS, PRIVACY_KEYS, RunSettings, num_classes, privacy_settings
 from client.task import check_prefixes, split_state
 from client.training import Predictions, scores
 from models import build_model
 from partitions.adapters import ADAPTERS, canonical_database
 from partitions.errors import DataError
+from server.central_dp import CENTRAL_DP_KEYS, central_privacy
 from server.records import SITE_KEYS, RunDirectory, plot_rounds, site_table, summary_document
 from server.strategies import (
     DEFAULT_STRATEGY,
@@ -102,6 +109,8 @@ OPTIONAL_KEYS = (
     "server-momentum",
     "num-malicious-nodes",
     "num-nodes-to-select",
+    *PRIVACY_KEYS,
+    *CENTRAL_DP_KEYS,
 )
 """Further keys the sites (:class:`client.site.RunSettings`, :class:`client.site.SiteSpec`) and
 :func:`server.strategies.build_strategy` read, with their own defaults."""
@@ -187,6 +196,7 @@ def resolve_settings(config: Mapping[str, Any]) -> ServerSettings:
     if timeout <= 0:
         raise DataError(f"run config round-timeout={timeout} must be a positive number of seconds")
     run = RunSettings.from_config(resolved)
+    privacy_settings({}, resolved)  # a bad dp-* value stops here, not at every site in round 1
     labels = str(resolved["labels"]).strip() or DEFAULT_LABELS
     sites = tuple(name.strip() for name in str(resolved["sites"]).split(",") if name.strip())
     classes = _check_sites(sites, labels)
@@ -318,9 +328,11 @@ class Progress:
             return
         train = self.trained.get((server_round, site_index), {})
         loss, seconds = train.get("loss", float("nan")), train.get("train-seconds", float("nan"))
+        epsilon = train.get(DP_EPSILON, math.inf)
+        spent = f"  ε {epsilon:.2f}" if math.isfinite(epsilon) else ""
         self.console.print(
             f"round {server_round}/{self.settings.rounds}  {site:<10} loss {loss:.4f}  "
-            f"UF1 {metrics.get('uf1', float('nan')):.4f}  {seconds:.1f}s",
+            f"UF1 {metrics.get('uf1', float('nan')):.4f}  {seconds:.1f}s{spent}",
             highlight=False,
         )
 
@@ -362,15 +374,51 @@ def last_evaluation(strategy: Strategy, rounds: int) -> dict[int, dict[str, Any]
     }
 
 
+def site_privacy(strategy: Strategy, sites: int) -> dict[int, dict[str, Any] | None] | None:
+    """Site index -> its sample-level DP spending as of its last train reply (None: no DP at that site); None
+    when no site trained under DP."""
+    last = {entry["site_index"]: entry["metrics"] for entry in strategy.site_metrics if entry["phase"] == TRAIN}
+    private = {index: m for index, m in last.items() if math.isfinite(m.get(DP_EPSILON, math.inf))}
+    if not private:
+        return None
+    return {
+        index: {
+            "noise_multiplier": private[index][DP_NOISE_MULTIPLIER],
+            "sample_rate": private[index][DP_SAMPLE_RATE],
+            "steps": int(private[index][DP_STEPS]),
+            "delta": private[index][DP_DELTA],
+            "epsilon": private[index][DP_EPSILON],
+        }
+        if index in private
+        else None
+        for index in range(sites)
+    }
+
+
+def round_privacy(strategy: Strategy) -> dict[str, Any]:
+    """What a round's line in ``metrics.jsonl`` says about user-level DP: the cumulative ``central-epsilon`` and its
+    ``central-delta`` (nothing when central DP is off)."""
+    privacy = central_privacy(strategy)
+    if privacy is None:
+        return {}
+    return {"central-epsilon": privacy["epsilon"], "central-delta": privacy["delta"]}
+
+
 def write_results(run: RunDirectory, strategy: Strategy, settings: ServerSettings, console: Console) -> None:
-    """``summary.json`` (None for a site without a last-round evaluation), the table, ``rounds.png``."""
+    """``summary.json`` (None for a site without a last-round evaluation; each site's ``dp`` when the run used
+    sample-level DP), the table, ``rounds.png``."""
     last = last_evaluation(strategy, settings.rounds)
+    privacy = site_privacy(strategy, len(settings.sites))
     sites = {
-        settings.site_name(index): {key: last[index].get(key) if index in last else None for key in SITE_KEYS}
+        settings.site_name(index): {
+            **{key: last[index].get(key) if index in last else None for key in SITE_KEYS},
+            **({"dp": privacy[index]} if privacy is not None else {}),
+        }
         for index in range(len(settings.sites))
     }
     pooled = pooled_scores([last[index]["confusion"] for index in sorted(last)])
-    run.write_summary(settings.rounds, sites, pooled)
+    central = central_privacy(strategy)
+    run.write_summary(settings.rounds, sites, pooled, extra={"central_dp": central} if central is not None else None)
     console.print(site_table(summary_document(settings.rounds, sites, pooled)))
     if run.metrics_path.exists():
         plot_rounds(run.metrics_path, run.plot_path)
@@ -410,18 +458,21 @@ def run_federation(grid: Grid, config: Mapping[str, Any], console: Console) -> N
         nonlocal round_start  # Strategy.start calls this before round 1 and after every round: the rounds' ends
         if server_round >= 1:  # round 0 is the initial model, rebuilt from the seed at will
             run.save_checkpoint(server_round, arrays)
-            run.append_round(server_round, time.monotonic() - round_start)
+            run.append_round(server_round, time.monotonic() - round_start, round_privacy(strategy))
         round_start = time.monotonic()
         return None
 
-    strategy.start(
-        grid=grid,
-        initial_arrays=initial,
-        num_rounds=settings.rounds,
-        timeout=settings.round_timeout,
-        train_config=train_config(settings),
-        evaluate_fn=checkpoint,
-    )
+    try:
+        strategy.start(
+            grid=grid,
+            initial_arrays=initial,
+            num_rounds=settings.rounds,
+            timeout=settings.round_timeout,
+            train_config=train_config(settings),
+            evaluate_fn=checkpoint,
+        )
+    except PrivacyBudgetExhausted as exhausted:  # central-dp-max-epsilon: the records up to here still count
+        console.print(f"[yellow]stopped:[/] {exhausted}", highlight=False)
     write_results(run, strategy, settings, console)
 
 

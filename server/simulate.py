@@ -230,9 +230,35 @@ def simulate(
     config: ConfigOption = None,
     data: DataOption = DEFAULT_DATA,
     cache: CacheOption = DEFAULT_CACHE,
+    dp: Annotated[
+        bool | None, typer.Option("--dp/--no-dp", help="Sample-level DP-SGD at every site (run config dp)")
+    ] = None,
+    target_epsilon: Annotated[
+        float | None,
+        typer.Option("--target-epsilon", help="Each site's DP budget for the whole run (dp-target-epsilon)"),
+    ] = None,
+    noise_multiplier: Annotated[
+        float | None, typer.Option("--noise-multiplier", help="Fixed DP-SGD noise (dp-noise-multiplier)")
+    ] = None,
+    central_dp: Annotated[
+        str | None,
+        typer.Option(
+            "--central-dp",
+            help="User-level DP at the server: server-fixed, client-fixed, server-adaptive or client-adaptive",
+        ),
+    ] = None,
 ) -> None:
     """Run a federation of synthetic sites on this machine with Flower's simulation engine (Ray)."""
-    options = {"num-server-rounds": rounds, "strategy": strategy, "seed": seed, "out": str(out) if out else None}
+    options = {
+        "num-server-rounds": rounds,
+        "strategy": strategy,
+        "seed": seed,
+        "out": str(out) if out else None,
+        "dp": dp,
+        "dp-target-epsilon": target_epsilon,
+        "dp-noise-multiplier": noise_multiplier,
+        "central-dp": central_dp,
+    }
     try:
         with simulation_environment():
             from server.server_app import resolve_settings

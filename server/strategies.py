@@ -17,6 +17,11 @@
 
 The aggregated metrics are Flower's weighted means (weights ``NUM_EXAMPLES``) without ``SITE_INDEX``.
 
+With run-config ``central-dp`` set (:mod:`server.central_dp`), fedavg and fedprox come as user-level DP
+strategies (:data:`SITE_DP_CLASSES`): SiteRobust around one of Flower's DP wrappers around a plain FedAvg /
+FedProx. Their train weights are uniform (each screened reply's ``NUM_EXAMPLES`` set to 1 after its true metrics
+were recorded in ``site_metrics``), and a round without every site releases no model.
+
 ``personalised`` is FED-PsyAU's personalised mixing (:class:`Personalised`): after round t site j holds its
 locally trained arrays theta_j; in round t + 1 (and in round t's evaluation) site j receives
 ``(1 - alpha) * theta_j + alpha * (mean of the other sites' theta_k weighted by NUM_EXAMPLES)``. Its aggregate,
@@ -41,6 +46,7 @@ from client.protocol import (
     AU_COUNTS,
     CONFIG,
     COUNTS,
+    DP_EXHAUSTED,
     METRICS,
     NUM_EXAMPLES,
     PROXIMAL_MU,
@@ -48,6 +54,15 @@ from client.protocol import (
     SITE_INDEX,
 )
 from models.au_graph import N_AUS, cooccurrence_from_counts
+from server.central_dp import (
+    CentralDP,
+    ClientAdaptiveDP,
+    ClientFixedDP,
+    ServerAdaptiveDP,
+    ServerFixedDP,
+    central_dp_settings,
+    wrapper_kwargs,
+)
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +89,11 @@ def _site_index(message: Message) -> int:
     return int(value)
 
 
+def _budget_spent(message: Message) -> bool:
+    """A train reply of a site that did not train because its sample-level DP budget is spent (no arrays)."""
+    return bool(message.content[METRICS].get(DP_EXHAUSTED, 0))
+
+
 def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> MetricRecord:
     """Flower's weighted mean of the replies' metrics, without the meaningless mean of ``SITE_INDEX``."""
     metrics = aggregate_metricrecords(records, weighted_by_key)
@@ -83,10 +103,12 @@ def aggregate_metrics(records: list[RecordDict], weighted_by_key: str) -> Metric
 
 
 class SiteRobust:
-    """Mixin (put it first in the bases) for any FedAvg-derived strategy: site order, failures, min-sites.
+    """Mixin (put it first in the bases) for any Flower strategy: site order, failures, min-sites.
 
     It wraps ``configure_*`` (to remember which nodes were sent a message) and ``aggregate_*`` (to screen,
-    record and sort the replies before the strategy class aggregates them). See the module docstring.
+    record and sort the replies before the strategy class aggregates them). See the module docstring. It passes
+    every other keyword to the strategy class, so it sits as well on a FedAvg-derived class as on a Flower DP
+    wrapper (whose inner FedAvg gets :func:`aggregate_metrics` from :func:`build_strategy`).
     """
 
     def __init__(self, *, sites: int, min_sites: int = 1, **kwargs: Any) -> None:
@@ -94,8 +116,6 @@ class SiteRobust:
             raise ValueError(f"a federation needs at least one site, got sites={sites}")
         if not 1 <= min_sites <= sites:
             raise ValueError(f"min-sites must lie in [1, {sites}] (the number of sites), got {min_sites}")
-        kwargs.setdefault("train_metrics_aggr_fn", aggregate_metrics)
-        kwargs.setdefault("evaluate_metrics_aggr_fn", aggregate_metrics)
         super().__init__(**kwargs)
         self.sites = sites
         self.min_sites = min_sites
@@ -181,13 +201,6 @@ class SiteRobust:
                         record["node_id"], record["site_index"], record["reason"])
         self.failures.extend(failed)
 
-        expected = len(sent) if sent is not None else len(replies)
-        if expected and len(good) < self.min_sites:
-            named = "; ".join(f"site {r['site_index']} (node {r['node_id']}): {r['reason']}" for r in failed)
-            raise RuntimeError(
-                f"round {server_round} ({phase}): only {len(good)} of {expected} sites succeeded, fewer than "
-                f"min-sites={self.min_sites}; failed: {named or 'none recorded'}"
-            )
         for site, node, message in good:
             metrics = dict(message.content[METRICS])
             self.site_metrics.append(
@@ -195,7 +208,19 @@ class SiteRobust:
             )
             if self.on_site_metrics is not None:
                 self.on_site_metrics(server_round, phase, site, metrics)
-        return [message for _, _, message in good]
+        spent = [site for site, _, message in good if phase == TRAIN and _budget_spent(message)]
+        if spent:
+            log.info("round %d: site(s) %s did not train: sample-level DP budget spent", server_round, spent)
+        trained = [message for site, _, message in good if site not in spent]
+        expected = len(sent) if sent is not None else len(replies)
+        if expected and len(trained) < self.min_sites:
+            named = [f"site {r['site_index']} (node {r['node_id']}): {r['reason']}" for r in failed]
+            named += [f"site {site}: its dp-target-epsilon is spent" for site in spent]
+            raise RuntimeError(
+                f"round {server_round} ({phase}): only {len(trained)} of {expected} sites succeeded, fewer than "
+                f"min-sites={self.min_sites}; failed: {'; '.join(named) or 'none recorded'}"
+            )
+        return trained
 
 
 # ----------------------------------------------------------------------------------------------- personalised
@@ -354,6 +379,33 @@ class Personalised(SiteRobust, _PersonalisedFedAvg):
     """
 
 
+class SiteServerFixedDP(SiteRobust, ServerFixedDP):
+    """User-level DP, server-side fixed clipping (:mod:`server.central_dp`) around a plain FedAvg / FedProx."""
+
+
+class SiteClientFixedDP(SiteRobust, ClientFixedDP):
+    """User-level DP, client-side fixed clipping (:mod:`server.central_dp`) around a plain FedAvg / FedProx."""
+
+
+class SiteServerAdaptiveDP(SiteRobust, ServerAdaptiveDP):
+    """User-level DP, server-side adaptive clipping (:mod:`server.central_dp`) around a plain FedAvg / FedProx."""
+
+
+class SiteClientAdaptiveDP(SiteRobust, ClientAdaptiveDP):
+    """User-level DP, client-side adaptive clipping (:mod:`server.central_dp`) around a plain FedAvg / FedProx."""
+
+
+SITE_DP_CLASSES: dict[str, type[SiteRobust]] = {
+    "server-fixed": SiteServerFixedDP,
+    "client-fixed": SiteClientFixedDP,
+    "server-adaptive": SiteServerAdaptiveDP,
+    "client-adaptive": SiteClientAdaptiveDP,
+}
+"""``central-dp`` mode -> class. :class:`SiteRobust` screens, records and sorts the replies before the DP wrapper
+clips and noises them; the wrapper's inner strategy is a plain Flower FedAvg / FedProx, as Flower's
+fixed-clipping accountant requires."""
+
+
 # ----------------------------------------------------------------------------------------------- factory
 
 
@@ -371,22 +423,9 @@ def _whole(run_config: Mapping[str, Any], key: str, default: int) -> int:
     return int(value)
 
 
-def build_strategy(name: str, sites: int, run_config: Mapping[str, Any] | None = None) -> Strategy:
-    """One of :data:`STRATEGIES` for ``sites`` sites, every one of them required to be connected and sampled.
-
-    Run-config keys read: ``min-sites`` (default 1), ``proximal-mu`` (fedprox, 0.01), ``server-lr`` (fedavgm's
-    server learning rate, 1.0; fedadam's eta, 1e-2, other FedAdam settings being Flower's defaults),
-    ``server-momentum`` (fedavgm, :data:`FEDAVGM_MOMENTUM`), ``num-malicious-nodes`` (krum / multikrum, 0),
-    ``num-nodes-to-select`` (multikrum, ``max(1, sites - num-malicious-nodes - 1)``: drop at least the
-    farthest update), ``mixing-alpha`` (personalised, 0.1). Raises ValueError for an unknown name.
-    """
-    run_config = run_config or {}
-    key = (name or DEFAULT_STRATEGY).strip().lower()
-    if key not in STRATEGIES:
-        raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
-    common: dict[str, Any] = {
-        "sites": sites,
-        "min_sites": _whole(run_config, "min-sites", 1),
+def _flower_kwargs(sites: int) -> dict[str, Any]:
+    """FedAvg's keywords: every site sampled, our record names, metrics without the mean site index."""
+    return {
         "fraction_train": 1.0,
         "fraction_evaluate": 1.0,
         "min_train_nodes": sites,
@@ -395,7 +434,44 @@ def build_strategy(name: str, sites: int, run_config: Mapping[str, Any] | None =
         "weighted_by_key": NUM_EXAMPLES,
         "arrayrecord_key": ARRAYS,
         "configrecord_key": CONFIG,
+        "train_metrics_aggr_fn": aggregate_metrics,
+        "evaluate_metrics_aggr_fn": aggregate_metrics,
     }
+
+
+def _central_dp_strategy(
+    key: str, settings: CentralDP, sites: int, min_sites: int, run_config: Mapping[str, Any]
+) -> SiteRobust:
+    """The DP wrapper of ``settings.mode`` with :class:`SiteRobust` around a plain Flower FedAvg / FedProx."""
+    flower = _flower_kwargs(sites)
+    if key == "fedprox":
+        inner: FedAvg = FedProx(**flower, proximal_mu=_number(run_config, PROXIMAL_MU, 0.01))
+    else:
+        inner = FedAvg(**flower)
+    cls = SITE_DP_CLASSES[settings.mode]
+    return cls(sites=sites, min_sites=min_sites, **wrapper_kwargs(settings, inner, sites))
+
+
+def build_strategy(name: str, sites: int, run_config: Mapping[str, Any] | None = None) -> Strategy:
+    """One of :data:`STRATEGIES` for ``sites`` sites, every one of them required to be connected and sampled.
+
+    Run-config keys read: ``min-sites`` (default 1), ``proximal-mu`` (fedprox, 0.01), ``server-lr`` (fedavgm's
+    server learning rate, 1.0; fedadam's eta, 1e-2, other FedAdam settings being Flower's defaults),
+    ``server-momentum`` (fedavgm, :data:`FEDAVGM_MOMENTUM`), ``num-malicious-nodes`` (krum / multikrum, 0),
+    ``num-nodes-to-select`` (multikrum, ``max(1, sites - num-malicious-nodes - 1)``: drop at least the
+    farthest update), ``mixing-alpha`` (personalised, 0.1), and :data:`server.central_dp.CENTRAL_DP_KEYS`: with
+    ``central-dp`` set, fedavg or fedprox comes wrapped in Flower's DP wrapper (:data:`SITE_DP_CLASSES`).
+    Raises ValueError for an unknown name or a bad setting, naming the key.
+    """
+    run_config = run_config or {}
+    key = (name or DEFAULT_STRATEGY).strip().lower()
+    if key not in STRATEGIES:
+        raise ValueError(f"unknown strategy {name!r}; choose one of: {', '.join(STRATEGIES)}")
+    min_sites = _whole(run_config, "min-sites", 1)
+    central = central_dp_settings(run_config, key, sites)
+    if central is not None:
+        return _central_dp_strategy(key, central, sites, min_sites, run_config)
+    common: dict[str, Any] = {"sites": sites, "min_sites": min_sites, **_flower_kwargs(sites)}
     if key == "fedavg":
         return SiteFedAvg(**common)
     if key == "fedavgm":

@@ -127,7 +127,7 @@ def test_train_replies_shared_arrays_and_contract_metrics_and_keeps_local_params
     seen: dict[str, torch.Tensor] = {}
 
     def record_start(
-        model: nn.Module, dataset: Dataset, classes: int, options: object, on_epoch: object
+        model: nn.Module, dataset: Dataset, classes: int, options: object, on_epoch: object, privacy: object
     ) -> TrainOutcome:
         seen.update({k: v.clone() for k, v in model.state_dict().items()})
         return TrainOutcome(dict.fromkeys(("loss", "mer", "flow", "landmarks", "au"), 0.0), 0.0, 0.0, len(dataset))

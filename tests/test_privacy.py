@@ -19,12 +19,16 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from client.privacy import (
     HISTORY_KEYS,
+    BudgetExhausted,
     PrivacyIncompatibleModel,
+    PrivacyLedger,
     PrivacySettings,
     RunLength,
+    epsilon_of,
     history_record,
     make_private,
     noise_for_budget,
+    plan_round,
     restore_accountant,
     validate_model,
 )
@@ -39,6 +43,7 @@ def private_sgd(model: nn.Module, samples: int, batch: int, settings: PrivacySet
     """``make_private`` on SGD and a loader of ``samples`` placeholders (sample rate batch / samples)."""
     loader = DataLoader(TensorDataset(torch.zeros(samples)), batch_size=batch)
     optimizer = torch.optim.SGD(model.parameters(), lr=lr)
+    options.setdefault("noise_multiplier", settings.noise_multiplier)
     return make_private(model, optimizer, loader, settings, loss_fn=MultitaskLoss(), **options)
 
 
@@ -143,24 +148,30 @@ def test_accountant_history_round_trips_and_keeps_counting_across_rounds() -> No
     independent = RDPAccountant()
     independent.history = [(1.1, 0.05, 30), (0.9, 0.1, 1), (1.1, 0.1, 7)]
     assert private.accountant.history == independent.history
-    assert private.epsilon() == pytest.approx(independent.get_epsilon(DELTA), rel=1e-12)
-    assert private.epsilon() > first.get_epsilon(DELTA)
-    with pytest.raises(ValueError, match="dp-steps"):
+    assert private.epsilon(DELTA) == pytest.approx(independent.get_epsilon(DELTA), rel=1e-12)
+    assert private.epsilon(DELTA) > first.get_epsilon(DELTA)
+    with pytest.raises(ValueError, match="history-steps"):
         restore_accountant({key: record[key] for key in HISTORY_KEYS[:2]})
 
 
 def test_target_epsilon_fixes_one_noise_multiplier_that_spends_the_budget_by_the_last_round() -> None:
     run = RunLength(rounds=5, local_epochs=2, steps_per_epoch=10)
     noise = noise_for_budget(3.0, DELTA, run)
-    accountant = RDPAccountant()
-    accountant.history = [(noise, 0.1, 100)]
-    assert 3.0 - 0.05 <= accountant.get_epsilon(DELTA) <= 3.0
+    assert 3.0 - 0.01 <= epsilon_of([(noise, 0.1, 100)], DELTA) <= 3.0
+    after_query = noise_for_budget(3.0, DELTA, run, spent=[(10.0, 1.0, 1)])
+    assert after_query > noise  # the AU-count release took part of the budget: training gets more noise
+    assert 3.0 - 0.01 <= epsilon_of([(10.0, 1.0, 1), (after_query, 0.1, 100)], DELTA) <= 3.0
+    with pytest.raises(ValueError, match="already spent"):
+        noise_for_budget(0.1, DELTA, run, spent=[(1.0, 1.0, 1)])
 
-    settings = PrivacySettings(enabled=True, target_epsilon=3.0, delta=DELTA, mode="hooks")
-    for history in (None, {key: [] for key in HISTORY_KEYS}):  # round 1, and a later round: same noise
-        private = private_sgd(nn.Linear(3, 1), 40, 4, settings, rounds=5, local_epochs=2, history=history)
-        assert private.noise_multiplier == noise
-        assert private.optimizer.noise_multiplier == noise
+    ledger = PrivacyLedger(queries=[10.0])
+    plans = [
+        plan_round(ledger, run, delta=DELTA, noise_multiplier=None, target_epsilon=3.0) for _ in range(2)
+    ]  # round 1, and a later round: the noise stays what round 1 fixed
+    assert plans[0].noise_multiplier == plans[1].noise_multiplier == pytest.approx(after_query)
+    ledger.training = [(after_query, 0.1, 100)]  # the whole run trained
+    with pytest.raises(BudgetExhausted, match="dp-target-epsilon=3"):
+        plan_round(ledger, run, delta=DELTA, noise_multiplier=None, target_epsilon=3.0)
 
 
 def test_batchnorm_model_is_refused_naming_the_layer_and_the_fix() -> None:
@@ -177,11 +188,10 @@ def test_layers_opacus_refuses_are_named_by_their_path() -> None:
     validate_model(build_model(preset("lite", image_size=32)))  # the default network passes
 
 
-def test_settings_need_exactly_one_noise_source() -> None:
-    with pytest.raises(ValueError, match="exactly one"):
+def test_settings_need_a_budget_or_a_noise() -> None:
+    with pytest.raises(ValueError, match=r"target_epsilon.*noise_multiplier"):
         PrivacySettings(enabled=True)
-    with pytest.raises(ValueError, match="exactly one"):
-        PrivacySettings(enabled=True, noise_multiplier=1.0, target_epsilon=3.0)
+    PrivacySettings(enabled=True, noise_multiplier=1.0, target_epsilon=3.0)  # noise as given, training stops at 3
     with pytest.raises(ValueError, match="mode"):
         PrivacySettings(enabled=True, noise_multiplier=1.0, mode="ew")  # type: ignore[arg-type]
     assert not PrivacySettings().enabled

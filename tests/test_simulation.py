@@ -108,6 +108,36 @@ def test_two_rounds_on_three_tiny_sites_through_the_simulation_engine_write_ever
     assert "pooled" in text and f"run directory: {out}" in " ".join(text.split())
 
 
+def test_dp_at_every_site_and_at_the_server_through_the_simulation_engine(
+    tiny_sites: TinySites, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """``fedmer simulate --dp --target-epsilon 3 --central-dp client-fixed`` on the tiny sites, two rounds."""
+    monkeypatch.setattr(telemetry, "FLWR_TELEMETRY_ENABLED", "0")
+    out = tmp_path / "private"
+    options = {"num-server-rounds": 2, "out": str(out), "dp": True, "dp-target-epsilon": 3.0}
+    config = tiny_sites.config(**options, **{"central-dp": "client-fixed", "central-dp-noise": 0.5})
+    printed = io.StringIO()
+    with simulation_environment():
+        run_simulation(config, Console(file=printed, width=140))
+
+    lines = load_metrics(out / "metrics.jsonl")
+    for site in SITES:  # each site's epsilon grows round by round and lands within the budget
+        spent = [r["dp-epsilon"] for r in lines if r["phase"] == "train" and r["site"] == site]
+        assert len(spent) == 2 and 0 < spent[0] < spent[1] <= 3.0
+    central = [r["central-epsilon"] for r in lines if r["phase"] == ROUND_PHASE]
+    assert len(central) == 2 and 0 < central[0] < central[1]
+
+    document = load_summary(out / "summary.json")
+    for values in document["sites"].values():
+        dp = values["dp"]
+        assert set(dp) == {"noise_multiplier", "sample_rate", "steps", "delta", "epsilon"}
+        assert 3.0 - 0.05 <= dp["epsilon"] <= 3.0 and dp["steps"] > 0 and 0 < dp["delta"] <= 1e-5
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["central_dp"]["releases"] == 2
+    assert summary["central_dp"]["epsilon"] == pytest.approx(central[-1])
+    assert "ε (δ)" in printed.getvalue()
+
+
 # ----------------------------------------------------------------------------------------------- cheap checks
 
 

@@ -15,6 +15,8 @@ from client.protocol import (
     AU_COUNTS,
     CONFIG,
     COUNTS,
+    DP_EPSILON,
+    DP_EXHAUSTED,
     METRICS,
     NUM_EXAMPLES,
     PRIOR_WEIGHT,
@@ -248,6 +250,33 @@ def test_below_min_sites_raises_naming_the_round_and_the_failed_sites() -> None:
     message = str(error.value)
     assert "min-sites=2" in message and "site 1" in message and "site 2" in message and "disk full" in message
     assert len(strategy.failures) == 2
+
+
+def spent_reply(node: int, site: int, epsilon: float) -> Message:
+    """The reply of a site whose sample-level DP budget is spent: its spending, no arrays."""
+    instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
+    metrics = MetricRecord({SITE_INDEX: site, NUM_EXAMPLES: 0, DP_EPSILON: epsilon, DP_EXHAUSTED: 1})
+    return Message(RecordDict({METRICS: metrics}), reply_to=instruction)
+
+
+@pytest.mark.parametrize("name", ["fedavg", "fedmedian"])
+def test_a_site_with_its_dp_budget_spent_is_recorded_but_left_out_of_the_aggregate(name: str) -> None:
+    strategy = build_strategy(name, 3, {"min-sites": 2})
+    replies = three_replies()
+    replies[1] = spent_reply(NODES[1], 1, 2.99)
+    _, (arrays, _) = run_train_round(strategy, replies)
+    without = three_replies()  # the same round with site 1 simply absent (fresh messages: Flower consumes them)
+    without[1] = error_reply(NODES[1])
+    expected = run_train_round(build_strategy(name, 3, {"min-sites": 2}), without)[1][0]
+    np.testing.assert_array_equal(arrays["w"].numpy(), expected["w"].numpy())
+    assert strategy.failures == []  # not a failure: the site did what its budget allows
+    spent = [record for record in strategy.site_metrics if record["site_index"] == 1]
+    assert spent and spent[0]["metrics"][DP_EPSILON] == 2.99  # its spending reaches the records
+
+    alone = build_strategy(name, 3, {"min-sites": 2})
+    replies[2] = spent_reply(NODES[2], 2, 3.0)
+    with pytest.raises(RuntimeError, match=r"only 1 of 3 sites.*site 1: its dp-target-epsilon is spent"):
+        run_train_round(alone, replies)
 
 
 def test_duplicate_site_indices_are_a_configuration_error() -> None:

@@ -1,24 +1,57 @@
-"""Sample-level differential privacy at a site (Opacus DP-SGD): settings, wrapping, accounting, validation.
+"""Differential privacy at a site: DP-SGD through Opacus, private AU statistics, accounting across rounds.
 
-Split as Opacus splits its own: ``engine`` (settings and ``make_private``), ``accountant`` (state across
-rounds, the run's noise), ``norm_samplers`` (ghost clipping fixed for this network), ``validators``.
+Split as Opacus splits its own: ``engine`` (settings and ``make_private``), ``accountant`` (the site's ledger of
+releases across rounds, the run's noise, a round's budget check), ``statistics`` (the noised AU-count query),
+``norm_samplers`` (ghost clipping fixed for this network), ``validators``. Nothing here imports Flower.
 """
 
-from .accountant import HISTORY_KEYS, RunLength, history_record, noise_for_budget, restore_accountant
-from .engine import MODES, PerSampleLoss, PrivacySettings, PrivateTraining, make_private, wrap_model
+from .accountant import (
+    HISTORY_KEYS,
+    BudgetExhausted,
+    HistoryRecord,
+    PrivacyLedger,
+    RoundPlan,
+    RunLength,
+    epsilon_of,
+    history_entries,
+    history_record,
+    noise_for_budget,
+    plan_round,
+    restore_accountant,
+)
+from .engine import (
+    MODES,
+    PerSampleLoss,
+    PrivacySettings,
+    PrivateTraining,
+    default_delta,
+    make_private,
+    wrap_model,
+)
+from .statistics import QUERY_CLIP, noised_cooccurrence
 from .validators import PrivacyIncompatibleModel, validate_model
 
 __all__ = [
     "HISTORY_KEYS",
     "MODES",
+    "QUERY_CLIP",
+    "BudgetExhausted",
+    "HistoryRecord",
     "PerSampleLoss",
     "PrivacyIncompatibleModel",
+    "PrivacyLedger",
     "PrivacySettings",
     "PrivateTraining",
+    "RoundPlan",
     "RunLength",
+    "default_delta",
+    "epsilon_of",
+    "history_entries",
     "history_record",
     "make_private",
     "noise_for_budget",
+    "noised_cooccurrence",
+    "plan_round",
     "restore_accountant",
     "validate_model",
     "wrap_model",

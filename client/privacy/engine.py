@@ -8,7 +8,7 @@ at zero. The clip is the privacy unit: every layer with weights sees clips as it
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -25,7 +25,7 @@ from torch.utils.data import DataLoader
 from models.losses import MultitaskLoss
 from models.network import ModelOutput
 
-from .accountant import HistoryRecord, RunLength, history_record, noise_for_budget, restore_accountant
+from .accountant import HistoryRecord, history_record, restore_accountant
 from .norm_samplers import GhostClippingModule
 from .validators import validate_model
 
@@ -42,38 +42,47 @@ Loss = Tensor | DPTensorFastGradientClipping
 
 @dataclass(frozen=True)
 class PrivacySettings:
-    """One site's DP-SGD settings: either a fixed ``noise_multiplier`` or a ``target_epsilon`` for the whole run."""
+    """One site's DP settings.
+
+    ``target_epsilon`` is the site's budget for the whole run. Without ``noise_multiplier`` the training noise is
+    chosen once to spend it by the last round; with both, the noise is as given and training stops when the
+    next round would exceed the budget; with ``noise_multiplier`` alone there is no budget (epsilon is only
+    reported). ``delta`` None: :func:`default_delta` of the site's training clips. ``query_noise`` is the noise
+    multiplier of the AU-count release (:mod:`client.privacy.statistics`).
+    """
 
     enabled: bool = False
     noise_multiplier: float | None = None
     target_epsilon: float | None = None
     max_grad_norm: float = 1.0
-    delta: float = 1e-5
+    delta: float | None = None
     poisson_sampling: bool = True  # what the accountant assumes; off only approximates the guarantee
     mode: Mode = "functorch"
+    query_noise: float = 10.0
 
     def __post_init__(self) -> None:
         if not self.enabled:
             return
-        if (self.noise_multiplier is None) == (self.target_epsilon is None):
-            raise ValueError("differential privacy needs exactly one of noise_multiplier and target_epsilon")
+        if self.noise_multiplier is None and self.target_epsilon is None:
+            raise ValueError("differential privacy needs a target_epsilon (budget) or a noise_multiplier, or both")
         if self.noise_multiplier is not None and self.noise_multiplier < 0:
             raise ValueError(f"noise_multiplier={self.noise_multiplier}: must be at least 0")
         if self.target_epsilon is not None and self.target_epsilon <= 0:
             raise ValueError(f"target_epsilon={self.target_epsilon}: must be positive")
         if self.max_grad_norm <= 0:
             raise ValueError(f"max_grad_norm={self.max_grad_norm}: must be positive")
-        if not 0 < self.delta < 1:
-            raise ValueError(f"delta={self.delta}: must lie in (0, 1), well below 1 / (samples at the site)")
+        if self.delta is not None and not 0 < self.delta < 1:
+            raise ValueError(f"delta={self.delta}: must lie in (0, 1), well below 1 / (clips at the site)")
         if self.mode not in MODES:
             raise ValueError(f"mode={self.mode!r}: choose one of {', '.join(MODES)}")
+        if self.query_noise <= 0:
+            raise ValueError(f"query_noise={self.query_noise}: must be positive")
 
-    def noise(self, run: RunLength) -> float:
-        """The noise multiplier: as given, or the one that spends ``target_epsilon`` by the end of the run."""
-        if self.noise_multiplier is not None:
-            return float(self.noise_multiplier)
-        assert self.target_epsilon is not None
-        return noise_for_budget(self.target_epsilon, self.delta, run)
+
+def default_delta(examples: int) -> float:
+    """delta well below 1 / n, as DP needs (a mechanism releasing one of n records at random has delta 1 / n):
+    ``min(1e-5, 1 / (10 n))``."""
+    return min(1e-5, 1.0 / (10 * max(examples, 1)))
 
 
 class PerSampleLoss(nn.Module):
@@ -112,9 +121,9 @@ class PrivateTraining:
         loss = self._ghost(output, batch)
         return loss, self._ghost.criterion.terms
 
-    def epsilon(self) -> float:
-        """Epsilon spent so far at the settings' delta, over every round the restored history covers."""
-        return self.accountant.get_epsilon(self.settings.delta)
+    def epsilon(self, delta: float) -> float:
+        """Epsilon of the DP-SGD steps so far at ``delta``, over every round the restored history covers."""
+        return self.accountant.get_epsilon(delta)
 
     def history(self) -> HistoryRecord:
         """The accountant's state as plain lists, for the next round (see :mod:`client.privacy.accountant`)."""
@@ -139,37 +148,47 @@ def make_private(
     settings: PrivacySettings,
     *,
     loss_fn: MultitaskLoss,
-    rounds: int = 1,
-    local_epochs: int = 1,
+    noise_multiplier: float,
     history: Mapping[str, Sequence[float] | Sequence[int]] | None = None,
-    noise_generator: torch.Generator | None = None,
+    generator: torch.Generator | None = None,
+    after_noise: Callable[[], None] | None = None,
 ) -> PrivateTraining:
-    """DP-SGD for one round at a site. ``history`` is the accountant state from earlier rounds
-    (:meth:`PrivateTraining.history`); ``rounds`` x ``local_epochs`` is the whole run, which fixes the noise
-    when ``settings.target_epsilon`` is given. PrivacyIncompatibleModel names any layer DP cannot train."""
+    """DP-SGD for one round at a site, at ``noise_multiplier`` (see :meth:`PrivacySettings.noise`).
+
+    ``history`` is the DP-SGD accountant state from earlier rounds (:meth:`PrivateTraining.history`).
+    ``generator`` seeds both the noise and the Poisson batches. ``after_noise`` runs at every step once the
+    gradients are clipped, noised and averaged, before the optimizer moves: the place for data-independent terms
+    such as FedProx's proximal gradient, which must not be clipped with the data's. PrivacyIncompatibleModel
+    names any layer DP cannot train."""
     if not settings.enabled:
         raise ValueError("make_private called with privacy disabled; train the plain model instead")
     model.train()
     validate_model(model)
-    run = RunLength(rounds, local_epochs, len(loader))
-    noise = settings.noise(run)
+    sample_rate = 1.0 / len(loader)
     accountant = restore_accountant(history)
     module = wrap_model(model, settings)
     if settings.poisson_sampling:
         module.forbid_grad_accumulation()
-        loader = DPDataLoader.from_data_loader(loader)
+        loader = DPDataLoader.from_data_loader(loader, generator=generator)
     dp_optimizer = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=settings.mode)(
         optimizer,
-        noise_multiplier=noise,
+        noise_multiplier=noise_multiplier,
         max_grad_norm=settings.max_grad_norm,
-        expected_batch_size=int(len(loader.dataset) * run.sample_rate),
+        expected_batch_size=int(len(loader.dataset) * sample_rate),
         loss_reduction="mean",
-        generator=noise_generator,
+        generator=generator,
     )
-    dp_optimizer.attach_step_hook(accountant.get_optimizer_hook_fn(sample_rate=run.sample_rate))
+    account = accountant.get_optimizer_hook_fn(sample_rate=sample_rate)
+
+    def step_hook(dp: DPOptimizer) -> None:
+        account(dp)
+        if after_noise is not None:
+            after_noise()
+
+    dp_optimizer.attach_step_hook(step_hook)
     ghost = (
         DPLossFastGradientClipping(module, dp_optimizer, PerSampleLoss(loss_fn), loss_reduction="mean")
         if settings.mode == "ghost"
         else None
     )
-    return PrivateTraining(module, dp_optimizer, loader, accountant, noise, settings, loss_fn, ghost)
+    return PrivateTraining(module, dp_optimizer, loader, accountant, noise_multiplier, settings, loss_fn, ghost)
