@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any
 
 import pytest
+from flwr.supercore.task_identity import TaskIdentity
 
 from server.simulate import Scale, prepare_data, simulation_config
 
@@ -42,3 +43,12 @@ def tiny_sites(tmp_path_factory: pytest.TempPathFactory) -> TinySites:
     sites = TinySites(root / "synthetic", root / "synthetic-tiny", root / "cache")
     prepare_data(sites.config(out=str(root / "unused")), Scale.tiny)
     return sites
+
+
+@pytest.fixture
+def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Messages built outside a Flower process need a run and node identity (a ServerApp gets one from the
+    SuperLink); the strategy tests use it (``pytest.mark.usefixtures("task_identity")``)."""
+    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
+    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
+    monkeypatch.setattr(TaskIdentity, "_task_id", 1)

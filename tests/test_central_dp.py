@@ -8,8 +8,6 @@ import time
 import numpy as np
 import pytest
 from flwr.app import (
-    Array,
-    ArrayRecord,
     ConfigRecord,
     Context,
     Error,
@@ -30,8 +28,8 @@ from flwr.serverapp.strategy import (
 )
 from flwr.supercore.differential_privacy import KEY_CLIPPING_NORM, KEY_NORM_BIT
 from flwr.supercore.privacy_accounting import NeighboringRelation, SamplingMethod
-from flwr.supercore.task_identity import TaskIdentity
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
+from test_strategies import FakeGrid, as_record, error_reply, train_reply
 
 from client.privacy.central import CENTRAL_CLIPPING, central_clipping_mod
 from client.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PRIOR_WEIGHT, SITE_INDEX
@@ -54,37 +52,7 @@ EXAMPLES = {0: 13, 1: 7, 2: 29}
 ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(11, 64)) + [128, 256, 512, 1024]
 
 
-@pytest.fixture(autouse=True)
-def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
-    """Messages need a run and node identity; a ServerApp process gets one from the SuperLink."""
-    monkeypatch.setattr(TaskIdentity, "_run_id", 1)
-    monkeypatch.setattr(TaskIdentity, "_node_id", 0)
-    monkeypatch.setattr(TaskIdentity, "_task_id", 1)
-
-
-class FakeGrid:
-    """Only what sampling needs: the connected node ids."""
-
-    def __init__(self, node_ids: list[int]) -> None:
-        self.node_ids = node_ids
-
-    def get_node_ids(self) -> list[int]:
-        return list(self.node_ids)
-
-
-def as_record(arrays: dict[str, np.ndarray]) -> ArrayRecord:
-    return ArrayRecord({name: Array(np.ascontiguousarray(value)) for name, value in arrays.items()})
-
-
-def train_reply(node: int, site: int, arrays: dict[str, np.ndarray], examples: int, loss: float = 1.0) -> Message:
-    instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
-    metrics = MetricRecord({SITE_INDEX: site, NUM_EXAMPLES: examples, "loss": loss})
-    return Message(RecordDict({ARRAYS: as_record(arrays), METRICS: metrics}), reply_to=instruction)
-
-
-def error_reply(node: int, reason: str = "out of memory") -> Message:
-    instruction = Message(RecordDict(), dst_node_id=node, message_type=MessageType.TRAIN)
-    return Message(Error(code=3, reason=reason), reply_to=instruction)
+pytestmark = pytest.mark.usefixtures("task_identity")
 
 
 START = {"w": np.zeros((4, 3)), "b": np.zeros(3)}
@@ -345,7 +313,7 @@ def test_site_robust_sorts_records_and_counts_sites_on_a_wrapped_strategy(mode: 
         for key in arrays:  # same noise draws, site order fixed: bit for bit
             assert np.array_equal(arrays[key], results[0][key])
 
-    replies = [train_reply(NODES[0], 0, START, 5), error_reply(NODES[1], "disk full")]  # site 2 silent
+    replies = [train_reply(NODES[0], 0, START, 5), error_reply(NODES[1], reason="disk full")]  # site 2 silent
     with pytest.raises(RuntimeError, match=r"round 2 \(train\): only 1 of 3 sites.*min-sites=2.*disk full"):
         train_round(strategy, replies, server_round=2)
 

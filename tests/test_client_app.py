@@ -27,10 +27,8 @@ from partitions.errors import DataError
 SITES = ("casme2", "smic")
 
 
-@pytest.fixture(scope="module")
-def run_config(tiny_sites: TinySites) -> dict:
-    """Two prepared synthetic sites (of the session's tiny federation) and the run config that maps partitions 0
-    and 1 to them."""
+def two_site_config(tiny_sites: TinySites) -> dict:
+    """The run config that maps partitions 0 and 1 to two prepared sites of the session's tiny federation."""
     return {
         "sites": ",".join(SITES),
         "data-root": str(tiny_sites.data_root),
@@ -39,6 +37,11 @@ def run_config(tiny_sites: TinySites) -> dict:
         "batch-size": 2,
         "seed": 0,
     }
+
+
+@pytest.fixture(scope="module")
+def run_config(tiny_sites: TinySites) -> dict:
+    return two_site_config(tiny_sites)
 
 
 @pytest.fixture(scope="module")

@@ -13,7 +13,7 @@ import torch
 from conftest import TinySites
 from flwr.app import ArrayRecord, Context, Message
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-from test_client_app import context, message, only_metrics
+from test_client_app import context, message, only_metrics, two_site_config
 
 from client import protocol as p
 from client.client_app import PRIVACY_LEDGER, evaluate, query, train
@@ -30,19 +30,8 @@ ORDERS = [1 + x / 10.0 for x in range(1, 100)] + list(range(12, 64))  # Opacus's
 @pytest.fixture(scope="module")
 def dp_config(tiny_sites: TinySites) -> dict:
     """CASME II and SMIC of the tiny federation with DP on (noise given, budget open)."""
-    return {
-        "sites": "casme2,smic",
-        "data-root": str(tiny_sites.data_root),
-        "cache-root": str(tiny_sites.cache),
-        "preset": "lite",
-        "batch-size": 2,
-        "seed": 0,
-        "num-server-rounds": 3,
-        "dp": True,
-        "dp-noise-multiplier": 1.3,
-        "dp-max-grad-norm": 1.0,
-        "dp-query-noise": 8.0,
-    }
+    dp = {"dp": True, "dp-noise-multiplier": 1.3, "dp-max-grad-norm": 1.0, "dp-query-noise": 8.0}
+    return {**two_site_config(tiny_sites), "num-server-rounds": 3, **dp}
 
 
 @pytest.fixture(scope="module")
