@@ -474,6 +474,19 @@ def train_loso(
 # ----------------------------------------------------------------------------------------------- a run
 
 
+def refuse_privacy(config: Mapping[str, Any]) -> None:
+    """DataError for DP settings: the baselines train without any privacy mechanism, and silently ignoring a
+    config's ``dp`` or ``central-dp`` would report non-private scores as private ones."""
+    from client.site import privacy_settings
+    from server.central_dp import central_dp_mode
+
+    if privacy_settings({}, config).enabled or central_dp_mode(config) != "off":
+        raise DataError(
+            "fedmer train has no differential privacy: dp and central-dp apply to a federation's sites and server; "
+            "remove them from --config, or run fedmer simulate --dp"
+        )
+
+
 def run_baseline(
     config: Mapping[str, Any],
     mode: Mode | str,
@@ -491,6 +504,7 @@ def run_baseline(
     mode, protocol = Mode(mode), Protocol(protocol)
     console_out = console_out or Console()
     settings = resolve_settings(config)
+    refuse_privacy(settings.config)
     loso = protocol is Protocol.loso
     folds = build_loso_folds(settings, load_whole_sites(settings), mode) if loso else []
     sites = [] if loso else load_sites(settings)
@@ -553,6 +567,7 @@ def train(
 
             resolved = simulation_config(scale=scale, data=data, cache=cache, config_file=config, options=options)
             resolve_settings(resolved)  # a bad site or number stops here, before any data
+            refuse_privacy(resolved)
             check_out(Path(resolved["out"]))
             prepare_data(resolved, scale)
             run_baseline(resolved, mode, Console(), protocol)

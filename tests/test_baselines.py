@@ -404,3 +404,13 @@ def test_a_run_directory_holding_files_is_refused(federation: Federation, tmp_pa
     assert result.exit_code == 2, result.output
     assert "already holds files" in " ".join(result.output.split())
     assert [p.name for p in (tmp_path / "run").iterdir()] == ["old.txt"]
+
+
+@pytest.mark.parametrize("setting", ["dp = true\ndp-target-epsilon = 3.0", 'central-dp = "server-fixed"'])
+def test_dp_settings_are_refused_rather_than_ignored(federation: Federation, tmp_path: Path, setting: str) -> None:
+    config = tmp_path / "private.toml"
+    config.write_text(setting + "\n")
+    result = CliRunner().invoke(app, [*federation.arguments("central", tmp_path / "run"), "--config", str(config)])
+    assert result.exit_code == 2, result.output
+    assert "fedmer train has no differential privacy" in " ".join(result.output.split())
+    assert not (tmp_path / "run").exists()
