@@ -33,6 +33,7 @@ from client.privacy import (
     validate_model,
 )
 from client.privacy.norm_samplers import linear_norm_sample
+from client.task import add_proximal_gradient
 from models import MultitaskLoss, build_model, preset
 from models.config import RecognitionHeadConfig
 
@@ -195,3 +196,19 @@ def test_settings_need_a_budget_or_a_noise() -> None:
     with pytest.raises(ValueError, match="mode"):
         PrivacySettings(enabled=True, noise_multiplier=1.0, mode="ew")  # type: ignore[arg-type]
     assert not PrivacySettings().enabled
+
+
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_fedprox_gradient_joins_after_clipping_and_noise() -> None:
+    # clipping to ~0 would erase a proximal gradient added before it: after the noise it arrives whole
+    model = nn.Linear(3, 1)
+    anchor = {name: p.detach() - 1.0 for name, p in model.named_parameters()}  # w - w_global = 1 everywhere
+    settings = PrivacySettings(enabled=True, noise_multiplier=0.0, max_grad_norm=1e-9, poisson_sampling=False)
+    private = private_sgd(
+        model, 4, 4, settings, lr=0.0, after_noise=lambda: add_proximal_gradient(model, anchor, mu=0.3)
+    )
+    private.optimizer.zero_grad()
+    private.model(torch.randn(4, 3)).square().mean().backward()
+    private.optimizer.step()
+    for param in model.parameters():
+        torch.testing.assert_close(param.grad, torch.full_like(param, 0.3), atol=1e-6, rtol=0)
