@@ -241,11 +241,10 @@ def query(msg: Message, context: Context) -> Message:
     leave the site); under DP noised, and the release entered in the site's ledger."""
     spec, settings, data = _site(context)
     privacy = privacy_settings(context.node_config, context.run_config)
-    noise = privacy.query_noise if privacy.enabled else None
-    counts, samples = au_cooccurrence(data.train.samples, noise, seed=_round_seed(settings, spec, 0))
-    if noise is not None:
+    counts, samples = au_cooccurrence(data.train.samples, privacy, seed=_round_seed(settings, spec, 0))
+    if privacy.enabled:
         ledger = _ledger(context)
-        ledger.queries.append(noise)
+        ledger.queries.append(privacy.query_noise)
         _keep_ledger(context, ledger)
     values = {
         p.SITE_INDEX: spec.index,

@@ -158,6 +158,7 @@ PRIVACY_KEYS = (
     "dp-poisson",
     "dp-mode",
     "dp-query-noise",
+    "dp-seeded-noise",
 )
 """Sample-level DP settings: run config keys, each overridable per site in its node config."""
 
@@ -180,6 +181,7 @@ def privacy_settings(node_config: Config, run_config: Config) -> PrivacySettings
             poisson_sampling=_flag(config, "dp-poisson", defaults.poisson_sampling),
             mode=mode,  # type: ignore[arg-type]
             query_noise=_setting(config, "dp-query-noise", defaults.query_noise, float),
+            seeded_noise=_flag(config, "dp-seeded-noise", defaults.seeded_noise),
         )
     except ValueError as error:  # PrivacySettings names the field; say which keys set it
         raise DataError(

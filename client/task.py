@@ -22,7 +22,14 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from client import protocol
-from client.privacy import HistoryRecord, PrivacyLedger, PrivacySettings, make_private, noised_cooccurrence
+from client.privacy import (
+    HistoryRecord,
+    PrivacyLedger,
+    PrivacySettings,
+    make_private,
+    noise_generator,
+    noised_cooccurrence,
+)
 from client.training import Predictions, predict, scores, train_epoch
 from models import F5CNet, LossWeights, MultitaskLoss
 from models.au_graph import N_AUS, cooccurrence_counts
@@ -189,7 +196,7 @@ def train_local(
         loss_fn=loss_fn,
         noise_multiplier=privacy.noise_multiplier,
         history=privacy.history,
-        generator=torch.Generator(device=options.device).manual_seed(options.seed),
+        generator=noise_generator(privacy.settings, options.seed, options.device),
         after_noise=(lambda: add_proximal_gradient(model, anchor, options.mu)) if anchor else None,
     )
     try:
@@ -300,19 +307,20 @@ def evaluate_local(
 
 
 def au_cooccurrence(
-    samples: Sequence[Sample], noise_multiplier: float | None = None, seed: int = 0
+    samples: Sequence[Sample], privacy: PrivacySettings | None = None, seed: int = 0
 ) -> tuple[Tensor, int]:
-    """(12, 12) co-occurrence counts over the samples whose database codes AUs, and how many those are; with a
-    ``noise_multiplier``, released through the Gaussian mechanism (:func:`client.privacy.noised_cooccurrence`).
+    """(12, 12) co-occurrence counts over the samples whose database codes AUs, and how many those are; under
+    ``privacy``, released through the Gaussian mechanism at its ``query_noise``
+    (:func:`client.privacy.noised_cooccurrence`; ``seed`` only with ``seeded_noise``).
 
     Only these additive counts leave the site; the server sums them and builds the prior
     (:func:`models.au_graph.cooccurrence_from_counts`).
     """
     coded = [s for s in samples if s.has_action_units]
-    targets = np.stack([au_target(s) for s in coded]) if coded else np.zeros((0, N_AUS), dtype=np.float32)
-    if noise_multiplier is not None:
-        return noised_cooccurrence(torch.from_numpy(targets), noise_multiplier, torch.Generator().manual_seed(seed))
-    return cooccurrence_counts(torch.from_numpy(targets)), len(coded)
+    targets = torch.from_numpy(np.stack([au_target(s) for s in coded]) if coded else np.zeros((0, N_AUS), np.float32))
+    if privacy is not None and privacy.enabled:
+        return noised_cooccurrence(targets, privacy.query_noise, noise_generator(privacy, seed))
+    return cooccurrence_counts(targets), len(coded)
 
 
 # ----------------------------------------------------------------------------------------------- reported metrics

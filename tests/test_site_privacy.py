@@ -173,3 +173,17 @@ def test_only_shared_arrays_whitelisted_metrics_and_aggregates_leave_a_dp_site(
         blob = pickle.dumps(content)
         leaked = sorted(text for text in private_strings if text and text.encode() in blob)
         assert not leaked, (kind, leaked)
+
+
+def test_dp_noise_is_secret_unless_seeded_noise_is_asked_for(dp_config: dict, initial: ArrayRecord) -> None:
+    # the server knows the run seed: noise drawn from it could be subtracted, so by default it is not
+    def twice(config: dict) -> list[dict[str, torch.Tensor]]:
+        return [dict(train_round(context(config), initial, 1).content[p.ARRAYS].to_torch_state_dict()) for _ in "ab"]
+
+    def same(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> bool:
+        return all(torch.equal(a[key], b[key]) for key in a)
+
+    assert not same(*twice(dp_config))
+    assert same(*twice({**dp_config, "dp-seeded-noise": True}))
+    counts = [query(message("query"), context(dp_config)).content[p.AU_COUNTS][p.COUNTS] for _ in "ab"]
+    assert counts[0] != counts[1]

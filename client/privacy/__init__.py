@@ -26,6 +26,7 @@ from .engine import (
     PrivateTraining,
     default_delta,
     make_private,
+    noise_generator,
     wrap_model,
 )
 from .statistics import QUERY_CLIP, noised_cooccurrence
@@ -50,6 +51,7 @@ __all__ = [
     "history_record",
     "make_private",
     "noise_for_budget",
+    "noise_generator",
     "noised_cooccurrence",
     "plan_round",
     "restore_accountant",

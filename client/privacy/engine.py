@@ -48,7 +48,10 @@ class PrivacySettings:
     chosen once to spend it by the last round; with both, the noise is as given and training stops when the
     next round would exceed the budget; with ``noise_multiplier`` alone there is no budget (epsilon is only
     reported). ``delta`` None: :func:`default_delta` of the site's training clips. ``query_noise`` is the noise
-    multiplier of the AU-count release (:mod:`client.privacy.statistics`).
+    multiplier of the AU-count release (:mod:`client.privacy.statistics`). The noise and the Poisson batches
+    are drawn from the operating system's entropy: whoever knows a seed (the server knows the run seed) could
+    subtract seeded noise. ``seeded_noise`` draws them from the run seed instead, for reproducible experiments
+    on synthetic data only.
     """
 
     enabled: bool = False
@@ -59,6 +62,7 @@ class PrivacySettings:
     poisson_sampling: bool = True  # what the accountant assumes; off only approximates the guarantee
     mode: Mode = "functorch"
     query_noise: float = 10.0
+    seeded_noise: bool = False  # True: noise and Poisson batches from the run seed (reproducible, NOT private)
 
     def __post_init__(self) -> None:
         if not self.enabled:
@@ -77,6 +81,16 @@ class PrivacySettings:
             raise ValueError(f"mode={self.mode!r}: choose one of {', '.join(MODES)}")
         if self.query_noise <= 0:
             raise ValueError(f"query_noise={self.query_noise}: must be positive")
+
+
+def noise_generator(settings: PrivacySettings, seed: int, device: str = "cpu") -> torch.Generator:
+    """The generator of a DP mechanism's randomness: from ``seed`` only with ``settings.seeded_noise``."""
+    generator = torch.Generator(device=device)
+    if settings.seeded_noise:
+        generator.manual_seed(seed)
+    else:
+        generator.seed()  # a non-deterministic seed from the operating system
+    return generator
 
 
 def default_delta(examples: int) -> float:
