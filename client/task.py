@@ -207,7 +207,7 @@ def train_local(
             warnings.filterwarnings("ignore", message="In CPU autocast")
             outcome = _train_epochs(
                 model, private.model, private.loader, private.optimizer, private.loss, dataset, num_classes, options,
-                on_epoch,
+                on_epoch, empty_step=private.empty_step,
             )
     finally:
         private.release()  # the plain network again: hooks off, per-sample gradients dropped
@@ -225,6 +225,7 @@ def _train_epochs(
     options: LocalTraining,
     on_epoch: EpochCallback | None,
     penalty: Callable[[], Tensor] | None = None,
+    empty_step: Callable[[], None] | None = None,
 ) -> TrainOutcome:
     """The epoch loop shared by plain and DP training (``forward``: the model or its per-sample wrapper)."""
     start = time.perf_counter()
@@ -242,6 +243,7 @@ def _train_epochs(
             options.device,
             penalty=penalty,
             predictions=predictions,
+            empty_step=empty_step,
         )
         terms = {name: means.get(name, 0.0) for name in LOSS_TERMS}  # every site reports every key
         uf1 = scores(predictions, num_classes)["uf1"]

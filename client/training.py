@@ -43,9 +43,11 @@ def train_epoch(
     on_step: Callable[[dict[str, float]], None] | None = None,
     penalty: Callable[[], Tensor] | None = None,
     predictions: Predictions | None = None,
+    empty_step: Callable[[], None] | None = None,
 ) -> dict[str, float]:
     """One pass over the batches; returns the mean of each loss term (and ``loss``, the weighted total) over the
-    non-empty batches. ``model`` may be a per-sample gradient wrapper and ``loss_fn`` its DP loss.
+    non-empty batches. ``model`` may be a per-sample gradient wrapper and ``loss_fn`` its DP loss; an empty
+    batch (``{}``, DP's Poisson sampling) calls ``empty_step``.
 
     ``penalty`` (e.g. FedProx's proximal term) joins the objective but not the reported loss, so losses stay
     comparable across settings; ``predictions``, when given, collects the training predictions (train UF1).
@@ -54,16 +56,18 @@ def train_epoch(
     sums: dict[str, float] = {}
     steps = 0
     for batch in batches:
-        if not batch:  # Opacus's Poisson loader when its very first batch is empty: it knows no structure yet
+        if not batch:  # a Poisson batch that drew no clip (DP): noise only, nothing to report
+            optimizer.zero_grad(set_to_none=True)
+            if empty_step is None:
+                raise ValueError("an empty batch needs empty_step (DP-SGD's noise-only step)")
+            empty_step()
             continue
         batch = to_device(batch, torch.device(device))
         optimizer.zero_grad(set_to_none=True)
         output = forward_batch(model, batch, prior_weight)
         total, terms = loss_fn(output, batch)
         (total + penalty() if penalty is not None else total).backward()
-        optimizer.step()  # an empty Poisson batch still steps: DP-SGD releases noise for it
-        if len(batch["label"]) == 0:
-            continue
+        optimizer.step()
         terms["loss"] = float(total.detach())
         for name, value in terms.items():
             sums[name] = sums.get(name, 0.0) + value

@@ -29,6 +29,7 @@ from client.privacy import (
     make_private,
     noise_for_budget,
     plan_round,
+    poisson_loader,
     restore_accountant,
     validate_model,
 )
@@ -212,3 +213,24 @@ def test_fedprox_gradient_joins_after_clipping_and_noise() -> None:
     private.optimizer.step()
     for param in model.parameters():
         torch.testing.assert_close(param.grad, torch.full_like(param, 0.3), atol=1e-6, rtol=0)
+
+
+@pytest.mark.parametrize("mode", ["functorch", "ghost"])
+@pytest.mark.filterwarnings("ignore:Full backward hook")
+def test_a_poisson_batch_without_clips_still_releases_noise_and_is_counted(mode: str) -> None:
+    clips = [{"clip": torch.full((2,), float(i)), "label": torch.tensor(i)} for i in range(3)]
+    loader = DataLoader(clips, batch_size=1)  # 3 batches an epoch: each clip joins a batch with probability 1/3
+    poisson = poisson_loader(loader, 1 / 3, torch.Generator().manual_seed(0))
+    batches = [batch for _epoch in range(8) for batch in poisson]  # P(empty) = (2/3)^3 per batch
+    assert {} in batches and any(batch and batch["clip"].shape[1:] == (2,) for batch in batches)
+
+    for noise, changes in ((0.0, False), (1.0, True)):
+        model = nn.Linear(3, 1)
+        settings = PrivacySettings(enabled=True, noise_multiplier=noise, poisson_sampling=False, mode=mode)
+        private = private_sgd(model, 9, 3, settings, lr=1.0)
+        before = [p.detach().clone() for p in model.parameters()]
+        private.optimizer.zero_grad()
+        private.empty_step()
+        moved = any(not torch.equal(p, b) for p, b in zip(model.parameters(), before, strict=True))
+        assert moved == changes  # noise alone moves the weights; without noise an empty batch moves nothing
+        assert private.accountant.history == [(noise, 1 / 3, 1)]  # and the step is counted

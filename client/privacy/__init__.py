@@ -27,6 +27,7 @@ from .engine import (
     default_delta,
     make_private,
     noise_generator,
+    poisson_loader,
     wrap_model,
 )
 from .statistics import QUERY_CLIP, noised_cooccurrence
@@ -54,6 +55,7 @@ __all__ = [
     "noise_generator",
     "noised_cooccurrence",
     "plan_round",
+    "poisson_loader",
     "restore_accountant",
     "validate_model",
     "wrap_model",

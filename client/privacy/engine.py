@@ -10,15 +10,15 @@ from __future__ import annotations
 
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Literal
+from typing import Any, Literal
 
 import torch
 from opacus import GradSampleModule
 from opacus.accountants import RDPAccountant
-from opacus.data_loader import DPDataLoader
 from opacus.grad_sample import AbstractGradSampleModule
 from opacus.optimizers import DPOptimizer, get_optimizer_class
 from opacus.utils.fast_gradient_clipping_utils import DPLossFastGradientClipping, DPTensorFastGradientClipping
+from opacus.utils.uniform_sampler import UniformWithReplacementSampler
 from torch import Tensor, nn
 from torch.utils.data import DataLoader
 
@@ -143,6 +143,16 @@ class PrivateTraining:
         """The accountant's state as plain lists, for the next round (see :mod:`client.privacy.accountant`)."""
         return history_record(self.accountant)
 
+    def empty_step(self) -> None:
+        """The step of a Poisson batch that drew no clip: no forward pass (a batch of none has nothing to run),
+        but the step still releases noise and the accountant counts it, as DP-SGD's analysis assumes."""
+        for param in self.optimizer.params:
+            if self._ghost is not None:
+                param.grad = torch.zeros_like(param)
+            else:
+                param.grad_sample = torch.zeros((0, *param.shape), dtype=param.dtype, device=param.device)
+        self.optimizer.step()
+
     def release(self) -> nn.Module:
         """The plain network (hooks removed, per-sample attributes cleared), e.g. to send its weights."""
         return self.model.to_standard_module()
@@ -153,6 +163,22 @@ def wrap_model(model: nn.Module, settings: PrivacySettings) -> AbstractGradSampl
     if settings.mode == "ghost":
         return GhostClippingModule(model, loss_reduction="mean", max_grad_norm=settings.max_grad_norm)
     return GradSampleModule(model, loss_reduction="mean", force_functorch=settings.mode == "functorch")
+
+
+def poisson_loader(loader: DataLoader, sample_rate: float, generator: torch.Generator | None) -> DataLoader:
+    """``loader``'s dataset in Poisson batches: each clip joins each batch with probability ``sample_rate``, as
+    many batches per epoch as ``loader`` has. An empty batch comes as ``{}`` (see
+    :meth:`PrivateTraining.empty_step`): Opacus's own ``DPDataLoader`` builds empty batches from the first
+    sample's entries and fails on samples that are dicts."""
+    sampler = UniformWithReplacementSampler(
+        num_samples=len(loader.dataset), sample_rate=sample_rate, generator=generator
+    )
+    collate = loader.collate_fn
+
+    def collate_or_empty(items: list) -> Any:
+        return collate(items) if items else {}
+
+    return DataLoader(loader.dataset, batch_sampler=sampler, collate_fn=collate_or_empty, num_workers=0)
 
 
 def make_private(
@@ -183,7 +209,7 @@ def make_private(
     module = wrap_model(model, settings)
     if settings.poisson_sampling:
         module.forbid_grad_accumulation()
-        loader = DPDataLoader.from_data_loader(loader, generator=generator)
+        loader = poisson_loader(loader, sample_rate, generator)
     dp_optimizer = get_optimizer_class(clipping="flat", distributed=False, grad_sample_mode=settings.mode)(
         optimizer,
         noise_multiplier=noise_multiplier,
