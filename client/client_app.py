@@ -161,14 +161,14 @@ def _private_round(
     """This round's DP-SGD (noise fixed over the whole run at the first round); BudgetExhausted when the round
     would overspend the site's ``dp-target-epsilon``."""
     steps_per_epoch = len(seeded_loader(data.train, options.batch_size, shuffle=False, seed=0))
-    plan = plan_round(
+    noise = plan_round(
         ledger,
         RunLength(max(settings.rounds, options.server_round), options.epochs, steps_per_epoch),
         delta=privacy.delta if privacy.delta is not None else default_delta(len(data.train)),
         noise_multiplier=privacy.noise_multiplier,
         target_epsilon=privacy.target_epsilon,
     )
-    return PrivateRound(privacy, plan.noise_multiplier, ledger.training_history())
+    return PrivateRound(privacy, noise, ledger.training_history())
 
 
 def _exhausted_reply(msg: Message, spec: SiteSpec, ledger: PrivacyLedger, reason: str) -> Message:
@@ -189,10 +189,9 @@ def train(msg: Message, context: Context) -> Message:
     spec, settings, data = _site(context)
     options = _training_options(_config(msg), settings, spec)
     privacy = privacy_settings(context.node_config, context.run_config)
-    ledger = _ledger(context) if privacy.enabled else None
-    private = None
+    ledger, private = None, None
     if privacy.enabled:
-        assert ledger is not None
+        ledger = _ledger(context)
         try:
             private = _private_round(privacy, ledger, settings, options, data)
         except BudgetExhausted as exhausted:

@@ -187,7 +187,7 @@ def train_local(
     loader = seeded_loader(dataset, options.batch_size, shuffle=True, seed=options.seed)
     if privacy is None:
         penalty = (lambda: options.mu / 2 * proximal_term(model, anchor)) if anchor else None
-        return _train_epochs(model, model, loader, optimizer, loss_fn, dataset, num_classes, options, on_epoch, penalty)
+        return _train_epochs(model, loader, optimizer, loss_fn, dataset, num_classes, options, on_epoch, penalty)
     private = make_private(
         model,
         optimizer,
@@ -206,8 +206,8 @@ def train_local(
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             warnings.filterwarnings("ignore", message="In CPU autocast")
             outcome = _train_epochs(
-                model, private.model, private.loader, private.optimizer, private.loss, dataset, num_classes, options,
-                on_epoch, empty_step=private.empty_step,
+                private.model, private.loader, private.optimizer, private.loss, dataset, num_classes, options, on_epoch,
+                empty_step=private.empty_step,
             )
     finally:
         private.release()  # the plain network again: hooks off, per-sample gradients dropped
@@ -215,7 +215,6 @@ def train_local(
 
 
 def _train_epochs(
-    model: F5CNet,
     forward: nn.Module,
     loader: Iterable[Any],
     optimizer: torch.optim.Optimizer,

@@ -478,9 +478,9 @@ def refuse_privacy(config: Mapping[str, Any]) -> None:
     """DataError for DP settings: the baselines train without any privacy mechanism, and silently ignoring a
     config's ``dp`` or ``central-dp`` would report non-private scores as private ones."""
     from client.site import privacy_settings
-    from server.central_dp import central_dp_mode
+    from server.central_dp import OFF, central_dp_mode
 
-    if privacy_settings({}, config).enabled or central_dp_mode(config) != "off":
+    if privacy_settings({}, config).enabled or central_dp_mode(config) != OFF:
         raise DataError(
             "fedmer train has no differential privacy: dp and central-dp apply to a federation's sites and server; "
             "remove them from --config, or run fedmer simulate --dp"

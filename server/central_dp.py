@@ -447,12 +447,6 @@ class ClientAdaptiveDP(AdaptiveAccounting, DifferentialPrivacyClientSideAdaptive
     client_clipping = ADAPTIVE
 
 
-WRAPPERS: dict[str, type[UserLevel]] = {
-    cls.mode_name: cls for cls in (ServerFixedDP, ClientFixedDP, ServerAdaptiveDP, ClientAdaptiveDP)
-}
-"""``central-dp`` mode -> Flower's wrapper with this module's mixin (``server.strategies`` puts SiteRobust on top)."""
-
-
 # ----------------------------------------------------------------------------------------------- reporting
 
 

@@ -189,11 +189,13 @@ def _score(value: Any, where: str) -> float | None:
     return round(value, DECIMALS) if math.isfinite(value) else None
 
 
-def _pick(values: Mapping[str, Any], keys: tuple[str, ...], where: str) -> dict[str, float | None]:
+def _pick(values: Mapping[str, Any], keys: tuple[str, ...], where: str, *, exact: bool = False) -> dict[str, Any]:
+    """Exactly ``keys`` of ``values``: scores rounded (:func:`_score`), or with ``exact`` as written (a delta of
+    1e-5 or an epsilon must survive unrounded)."""
     missing = [key for key in keys if key not in values]
     if missing:
         raise ValueError(f"{where} lacks {missing}; it needs {list(keys)}")
-    return {key: _score(values[key], f"{where} {key}") for key in keys}
+    return {key: _plain(values[key]) if exact else _score(values[key], f"{where} {key}") for key in keys}
 
 
 def _site_entry(values: Mapping[str, Any], where: str) -> dict[str, Any]:
@@ -201,16 +203,8 @@ def _site_entry(values: Mapping[str, Any], where: str) -> dict[str, Any]:
     entry: dict[str, Any] = _pick(values, SITE_KEYS, where)
     if "dp" in values:
         dp = values["dp"]
-        entry["dp"] = None if dp is None else _pick_exact(dp, SITE_DP_KEYS, f"{where} dp")
+        entry["dp"] = None if dp is None else _pick(dp, SITE_DP_KEYS, f"{where} dp", exact=True)
     return entry
-
-
-def _pick_exact(values: Mapping[str, Any], keys: tuple[str, ...], where: str) -> dict[str, Any]:
-    """Like ``_pick`` but unrounded: a delta of 1e-5 or an epsilon must survive as written."""
-    missing = [key for key in keys if key not in values]
-    if missing:
-        raise ValueError(f"{where} lacks {missing}; it needs {list(keys)}")
-    return {key: _plain(values[key]) for key in keys}
 
 
 def summary_document(rounds: int, sites: Mapping[str, Mapping[str, Any]], pooled: Mapping[str, Any]) -> dict[str, Any]:

@@ -396,10 +396,7 @@ class SiteClientAdaptiveDP(SiteRobust, ClientAdaptiveDP):
 
 
 SITE_DP_CLASSES: dict[str, type[SiteRobust]] = {
-    "server-fixed": SiteServerFixedDP,
-    "client-fixed": SiteClientFixedDP,
-    "server-adaptive": SiteServerAdaptiveDP,
-    "client-adaptive": SiteClientAdaptiveDP,
+    cls.mode_name: cls for cls in (SiteServerFixedDP, SiteClientFixedDP, SiteServerAdaptiveDP, SiteClientAdaptiveDP)
 }
 """``central-dp`` mode -> class. :class:`SiteRobust` screens, records and sorts the replies before the DP wrapper
 clips and noises them; the wrapper's inner strategy is a plain Flower FedAvg / FedProx, as Flower's

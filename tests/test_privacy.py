@@ -167,10 +167,10 @@ def test_target_epsilon_fixes_one_noise_multiplier_that_spends_the_budget_by_the
         noise_for_budget(0.1, DELTA, run, spent=[(1.0, 1.0, 1)])
 
     ledger = PrivacyLedger(queries=[10.0])
-    plans = [
+    noises = [
         plan_round(ledger, run, delta=DELTA, noise_multiplier=None, target_epsilon=3.0) for _ in range(2)
     ]  # round 1, and a later round: the noise stays what round 1 fixed
-    assert plans[0].noise_multiplier == plans[1].noise_multiplier == pytest.approx(after_query)
+    assert noises[0] == noises[1] == pytest.approx(after_query)
     ledger.training = [(after_query, 0.1, 100)]  # the whole run trained
     with pytest.raises(BudgetExhausted, match="dp-target-epsilon=3"):
         plan_round(ledger, run, delta=DELTA, noise_multiplier=None, target_epsilon=3.0)

@@ -194,15 +194,6 @@ class BudgetExhausted(RuntimeError):
     """The site's next training round would spend more than its privacy budget."""
 
 
-@dataclass(frozen=True)
-class RoundPlan:
-    """One DP training round: its noise, the run's delta and the epsilon spent once the round is done."""
-
-    noise_multiplier: float
-    delta: float
-    epsilon_after: float
-
-
 def plan_round(
     ledger: PrivacyLedger,
     run: RunLength,
@@ -210,9 +201,10 @@ def plan_round(
     delta: float,
     noise_multiplier: float | None,
     target_epsilon: float | None,
-) -> RoundPlan:
-    """Fix the run's delta and training noise in ``ledger`` on the first call (later calls keep them), and check
-    that one more round of ``run.local_epochs`` epochs stays within ``target_epsilon``.
+) -> float:
+    """The round's training noise multiplier. Fixes the run's delta and training noise in ``ledger`` on the first
+    call (later calls keep them), and checks that one more round of ``run.local_epochs`` epochs stays within
+    ``target_epsilon``.
 
     ``noise_multiplier`` None: the noise that spends ``target_epsilon`` over the whole ``run`` after the
     releases already in the ledger. Raises :class:`BudgetExhausted` naming the epsilon spent and the one this
@@ -232,4 +224,4 @@ def plan_round(
             f"privacy budget exhausted: epsilon {ledger.epsilon():.3f} of dp-target-epsilon={target_epsilon:g} "
             f"spent (delta {ledger.delta:.2g}); another round of {steps} DP-SGD steps would reach {after:.3f}"
         )
-    return RoundPlan(ledger.noise_multiplier, ledger.delta, after)
+    return ledger.noise_multiplier

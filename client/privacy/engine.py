@@ -193,7 +193,7 @@ def make_private(
     generator: torch.Generator | None = None,
     after_noise: Callable[[], None] | None = None,
 ) -> PrivateTraining:
-    """DP-SGD for one round at a site, at ``noise_multiplier`` (see :meth:`PrivacySettings.noise`).
+    """DP-SGD for one round at a site, at ``noise_multiplier`` (the run's, see :func:`client.privacy.plan_round`).
 
     ``history`` is the DP-SGD accountant state from earlier rounds (:meth:`PrivateTraining.history`).
     ``generator`` seeds both the noise and the Poisson batches. ``after_noise`` runs at every step once the
