@@ -12,7 +12,7 @@ ENV PYTHONUNBUFFERED=1 \
     FLWR_DISABLE_UPDATE_CHECK=1
 
 # torch 2.13.0, CPU build only. PyPI's torch wheel depends on the nvidia-* CUDA wheels (several GB), so:
-# - with a wheel in deploy/wheels/ (e.g. `cp /opt/wheels/torch-2.13.0+cpu-*.whl deploy/wheels/` before
+# - with a wheel in deploy/wheels/ (a local copy of `torch-2.13.0+cpu-*.whl`, put there before
 #   `docker compose build`), pip installs that file and nothing of torch is downloaded;
 # - otherwise pip takes torch==2.13.0+cpu from PyTorch's CPU index (PyPI has no "+cpu" builds).
 # The constraint (PIP_CONSTRAINT) then holds torch at the "+cpu" build: installing fedmer (torch==2.13.0) finds

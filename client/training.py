@@ -7,6 +7,7 @@ model trains on and, for synthetic sites, against the exact displacement; landma
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 
@@ -117,14 +118,17 @@ def predict(model: F5CNet, batches: Iterable[Batch], device: torch.device | str 
 
 
 def scores(predictions: Predictions, num_classes: int) -> dict[str, float]:
-    """UF1, UAR and accuracy; AU macro F1, flow EPE and landmark NME where the heads and targets exist."""
+    """UF1, UAR and accuracy; AU macro F1, flow EPE and landmark NME where the heads and targets exist.
+
+    Without a single clip (an empty test split, or a DP epoch whose Poisson batches drew none) UF1, UAR and
+    accuracy are undefined, not zero: they are NaN, which the run records write as null, and ``samples`` is 0.
+    """
     labels, predicted = np.asarray(predictions.labels), np.asarray(predictions.predicted)
-    result = {
-        "uf1": float(f1_score(labels, predicted, labels=range(num_classes), average="macro", zero_division=0)),
-        "uar": float(recall_score(labels, predicted, labels=np.unique(labels), average="macro", zero_division=0)),
-        "accuracy": float((labels == predicted).mean()) if len(labels) else 0.0,
-        "samples": float(len(labels)),
-    }
+    result = {"uf1": math.nan, "uar": math.nan, "accuracy": math.nan, "samples": float(len(labels))}
+    if len(labels):
+        result["uf1"] = float(f1_score(labels, predicted, labels=range(num_classes), average="macro", zero_division=0))
+        result["uar"] = float(recall_score(labels, predicted, labels=np.unique(labels), average="macro"))
+        result["accuracy"] = float((labels == predicted).mean())
     if predictions.au_true:
         au_true, au_predicted = np.stack(predictions.au_true), np.stack(predictions.au_predicted)
         result["au_f1"] = float(f1_score(au_true, au_predicted, average="macro", zero_division=0))

@@ -39,6 +39,7 @@ def render_description(description: dict, console: Console) -> None:
         f"(labels: {description.get('labels', '?')}): {description['samples']} samples, "
         f"{description['subjects']} subjects",
         highlight=False,
+        soft_wrap=True,  # one line whatever the width: a log is searched line by line
     )
     total = max(description["samples"], 1)
     classes = Table(title="Classes")

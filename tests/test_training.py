@@ -20,6 +20,13 @@ def test_uf1_is_macro_f1_over_the_label_space_and_uar_mean_recall_over_present_c
     assert result["accuracy"] == pytest.approx(4 / 6)
 
 
+def test_no_clip_gives_undefined_scores_instead_of_a_crash() -> None:
+    # an empty test split, or a DP epoch whose Poisson batches drew no clip
+    result = scores(Predictions(), num_classes=3)
+    assert result["samples"] == 0
+    assert all(np.isnan(result[key]) for key in ("uf1", "uar", "accuracy"))
+
+
 def test_optional_metrics_appear_only_with_their_targets() -> None:
     predictions = Predictions(labels=[0, 1], predicted=[0, 1], flow_epe=[0.5, 1.5],
                               au_true=[np.array([1, 0]), np.array([0, 1])],
