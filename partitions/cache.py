@@ -53,6 +53,7 @@ from .face import (
     whole_frame_rect,
 )
 from .flow import FlowConfig, consecutive_flow, flow_to_crop, tvl1
+from .progress import DataProgress
 from .records import Sample, Skipped
 from .sampling import SamplingPlan, TooFewFrames, assemble, plan_sampling
 
@@ -129,9 +130,15 @@ class PrepareReport:
     def to_json(self) -> dict[str, Any]:
         """The report as JSON-able data."""
         return {
-            "dataset": self.dataset, "folder": str(self.folder), "config": self.config, "workers": self.workers,
-            "total": self.total, "prepared": self.prepared, "reused": self.reused,
-            "interpolated": self.interpolated, "face_fallback": self.face_fallback,
+            "dataset": self.dataset,
+            "folder": str(self.folder),
+            "config": self.config,
+            "workers": self.workers,
+            "total": self.total,
+            "prepared": self.prepared,
+            "reused": self.reused,
+            "interpolated": self.interpolated,
+            "face_fallback": self.face_fallback,
             "seconds": round(self.seconds, 3),
             "stage_seconds": {k: round(v, 4) for k, v in self.stage_seconds.items()},
             "skipped": [asdict(s) for s in self.skipped],
@@ -150,8 +157,14 @@ def _safe(part: str) -> str:
 def sample_fingerprint(sample: Sample) -> str:
     """Hash of what the pipeline reads from a sample, so a corrected sheet row gives a new entry."""
     text = json.dumps(
-        [sample.key, [p.name for p in sample.frames], list(sample.frame_numbers), sample.onset, sample.offset,
-         sample.precropped],
+        [
+            sample.key,
+            [p.name for p in sample.frames],
+            list(sample.frame_numbers),
+            sample.onset,
+            sample.offset,
+            sample.precropped,
+        ],
         separators=(",", ":"),
     )
     return hashlib.sha256(text.encode()).hexdigest()[:10]
@@ -206,9 +219,7 @@ def read_entry(path: Path) -> dict[str, np.ndarray]:
     except FileNotFoundError:
         raise DataError(f"cache entry {path} is missing: run `fedmer prepare` for this site and cache") from None
     except (OSError, ValueError, zipfile.BadZipFile, EOFError) as error:
-        raise DataError(
-            f"cache entry {path} is damaged ({error}): delete it and run `fedmer prepare` again"
-        ) from None
+        raise DataError(f"cache entry {path} is damaged ({error}): delete it and run `fedmer prepare` again") from None
 
 
 def _remove_stale_temps(folder: Path, older_than: float = STALE_TEMP_SECONDS) -> None:
@@ -383,7 +394,9 @@ def prepare_one(sample: Sample, config: PrepareConfig, path: Path) -> Outcome:
     clock = _tick(timings, "write", clock)
     timings["other"] = max(0.0, (clock - start) - sum(timings.values()))
     return Outcome(
-        sample.key, interpolated=bool(arrays["interpolated"]), face_fallback=bool(arrays["face_fallback"]),
+        sample.key,
+        interpolated=bool(arrays["interpolated"]),
+        face_fallback=bool(arrays["face_fallback"]),
         timings=timings,
     )
 
@@ -396,33 +409,68 @@ def _init_worker(config: PrepareConfig) -> None:
     tvl1(config.flow)
 
 
-def _run(jobs: Sequence[tuple[Sample, Path]], config: PrepareConfig, workers: int) -> Iterable[Outcome]:
-    """Yield outcomes as clips finish: in this process for one worker, else in a spawn pool."""
+@dataclass(frozen=True)
+class SiteSamples:
+    """One site's labelled samples, and what its adapter and label layer already skipped."""
+
+    dataset: str
+    samples: Sequence[Sample]
+    site_skipped: Sequence[Skipped] = ()
+
+
+@dataclass(frozen=True)
+class Job:
+    """One clip to prepare: which site (index into the run's sites) and where its entry goes."""
+
+    site: int
+    sample: Sample
+    path: Path
+
+
+def _run(jobs: Sequence[Job], config: PrepareConfig, workers: int) -> Iterable[tuple[Job, Outcome]]:
+    """Yield each job with its outcome as clips finish: in this process for one worker, else in a spawn pool."""
     if workers <= 1 or len(jobs) <= 1:
         threads = cv2.getNumThreads()
         _init_worker(config)
         try:
-            for sample, path in jobs:
-                yield prepare_one(sample, config, path)
+            for job in jobs:
+                yield job, prepare_one(job.sample, config, job.path)
         finally:
             cv2.setNumThreads(threads)
         return
     context = get_context("spawn")  # fork after OpenCV/torch threads exist can deadlock
-    with ProcessPoolExecutor(min(workers, len(jobs)), mp_context=context, initializer=_init_worker,
-                             initargs=(config,)) as pool:
-        futures = [pool.submit(prepare_one, sample, config, path) for sample, path in jobs]
+    with ProcessPoolExecutor(
+        min(workers, len(jobs)), mp_context=context, initializer=_init_worker, initargs=(config,)
+    ) as pool:
+        futures = {pool.submit(prepare_one, job.sample, config, job.path): job for job in jobs}
         for future in as_completed(futures):
-            yield future.result()
+            yield futures[future], future.result()
 
 
-def _progress(enabled: bool, console: Any) -> Any:
-    """A rich progress bar (silent when disabled)."""
-    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+def _open_folder(cache: Path, config: PrepareConfig) -> Path:
+    """The configuration's folder, created with its config.json, and cleared of temps a crashed run left."""
+    folder = config.folder(Path(cache))
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+    except OSError as error:
+        raise DataError(f"cannot create the cache folder {folder}: {error.strerror or error}") from None
+    _remove_stale_temps(folder)
+    config_file = folder / "config.json"
+    if not config_file.exists():
+        atomic_write(config_file, json.dumps(config.as_dict(), indent=2, sort_keys=True).encode())
+    return folder
 
-    return Progress(
-        TextColumn("[bold]prepare[/] {task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=console, disable=not enabled, transient=False,
-    )
+
+def _count(report: PrepareReport, outcome: Outcome) -> None:
+    """Add one clip's outcome to its site's report."""
+    for stage, seconds in outcome.timings.items():
+        report.stage_seconds[stage] = report.stage_seconds.get(stage, 0.0) + seconds
+    if outcome.reason is not None:
+        report.skipped.append(Skipped(outcome.key, outcome.reason))
+    else:
+        report.prepared += 1
+        report.interpolated += outcome.interpolated
+        report.face_fallback += outcome.face_fallback
 
 
 def prepare_samples(
@@ -435,50 +483,63 @@ def prepare_samples(
     progress: bool = True,
     console: Any = None,
 ) -> PrepareReport:
-    """Fill the cache for these samples (skipping finished entries) and save the run's report."""
+    """Fill the cache for one site's samples (skipping finished entries) and save the run's report."""
+    site = SiteSamples(dataset, samples, site_skipped)
+    return prepare_many([site], cache, workers=workers, config=config, progress=progress, console=console)[0]
+
+
+def prepare_many(
+    sites: Sequence[SiteSamples],
+    cache: Path,
+    workers: int = 1,
+    config: PrepareConfig | None = None,
+    progress: bool = True,
+    console: Any = None,
+) -> list[PrepareReport]:
+    """Fill the cache for several sites with one pool of workers, and save each site's report.
+
+    One pool for all sites starts (and loads dlib) once, and keeps every worker busy until the last clip
+    instead of idling at the end of each site. A report's ``seconds`` run from the start to its site's last clip.
+    """
     if workers < 1:
         raise DataError(f"--workers {workers}: use 1 or more worker processes")
     config = config or PrepareConfig()
-    folder = config.folder(Path(cache))
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-    except OSError as error:
-        raise DataError(f"cannot create the cache folder {folder}: {error.strerror or error}") from None
-    _remove_stale_temps(folder)
-    config_file = folder / "config.json"
-    if not config_file.exists():
-        atomic_write(config_file, json.dumps(config.as_dict(), indent=2, sort_keys=True).encode())
-
+    folder = _open_folder(cache, config)
     start = time.perf_counter()
-    report = PrepareReport(dataset, folder, config.as_dict(), workers, total=len(samples),
-                           site_skipped=list(site_skipped), stage_seconds=dict.fromkeys(STAGES, 0.0))
+    reports = [
+        PrepareReport(
+            site.dataset,
+            folder,
+            config.as_dict(),
+            workers,
+            total=len(site.samples),
+            site_skipped=list(site.site_skipped),
+            stage_seconds=dict.fromkeys(STAGES, 0.0),
+        )
+        for site in sites
+    ]
     jobs = []
-    for sample in samples:
-        path = entry_path(folder, sample)
-        if path.exists():
-            report.reused += 1
-        else:
-            jobs.append((sample, path))
-    if console is None:
-        from rich.console import Console
-
-        console = Console(stderr=True)
-    with _progress(progress, console) as bar:
-        task = bar.add_task(dataset, total=len(jobs))
-        for outcome in _run(jobs, config, workers):
-            for stage, seconds in outcome.timings.items():
-                report.stage_seconds[stage] = report.stage_seconds.get(stage, 0.0) + seconds
-            if outcome.reason is not None:
-                report.skipped.append(Skipped(outcome.key, outcome.reason))
+    for index, site in enumerate(sites):
+        for sample in site.samples:
+            path = entry_path(folder, sample)
+            if path.exists():
+                reports[index].reused += 1
             else:
-                report.prepared += 1
-                report.interpolated += outcome.interpolated
-                report.face_fallback += outcome.face_fallback
-            bar.advance(task)
-    report.skipped.sort(key=lambda s: s.entry)
-    report.seconds = time.perf_counter() - start
-    save_report(report)
-    return report
+                jobs.append(Job(index, sample, path))
+    left = [sum(job.site == index for job in jobs) for index in range(len(sites))]
+    with DataProgress("prepared", console=console, enabled=progress) as shown:
+        handles = {index: shown.add(sites[index].dataset, count) for index, count in enumerate(left) if count}
+        for job, outcome in _run(jobs, config, workers):
+            _count(reports[job.site], outcome)
+            shown.advance(handles[job.site])
+            left[job.site] -= 1
+            if not left[job.site]:
+                reports[job.site].seconds = time.perf_counter() - start
+    for report in reports:
+        report.skipped.sort(key=lambda s: s.entry)
+        report.seconds = report.seconds or time.perf_counter() - start
+        save_report(report)
+    return reports
 
 
 def report_path(folder: Path, dataset: str) -> Path:
@@ -493,11 +554,12 @@ def save_report(report: PrepareReport) -> Path:
     return path
 
 
-def _load_site(dataset: str, root: Path, labels: str, subset: Path | None) -> Any:
+def _load_site(dataset: str, root: Path, labels: str, subset: Path | None) -> SiteSamples:
     """The site's labelled samples, via the label layer (imported here so the cache works without it)."""
     from .labels import load_site
 
-    return load_site(dataset, root, labels=labels, subset=subset)
+    site = load_site(dataset, root, labels=labels, subset=subset)
+    return SiteSamples(dataset, site.samples, site.skipped)
 
 
 def prepare_site(
@@ -511,9 +573,20 @@ def prepare_site(
 ) -> PrepareReport:
     """Read a site (adapter + labels) and prepare every labelled sample into the cache."""
     site = _load_site(dataset, Path(root), labels, subset)
-    return prepare_samples(
-        site.samples, Path(cache), dataset, workers=workers, config=config, site_skipped=site.skipped,
-    )
+    return prepare_many([site], Path(cache), workers=workers, config=config)[0]
+
+
+def prepare_sites(
+    roots: dict[str, Path],
+    cache: Path,
+    workers: int = 1,
+    labels: str = "native",
+    config: PrepareConfig | None = None,
+    progress: bool = True,
+) -> list[PrepareReport]:
+    """Read several sites (``{dataset: root}``) and prepare them all with one pool of workers."""
+    sites = [_load_site(dataset, Path(root), labels, None) for dataset, root in roots.items()]
+    return prepare_many(sites, Path(cache), workers=workers, config=config, progress=progress)
 
 
 def render_report(report: PrepareReport, console: Any) -> None:
@@ -526,10 +599,13 @@ def render_report(report: PrepareReport, console: Any) -> None:
         f"({report.interpolated} interpolated, {report.face_fallback} whole-frame fallback) "
         f"in {report.seconds:.1f}s with {report.workers} worker(s)",
         highlight=False,
+        soft_wrap=True,
     )
-    console.print(f"cache: {report.folder}", highlight=False)
-    for title, rows in (("skipped while preparing", report.skipped), ("skipped by the adapter/labels",
-                                                                      report.site_skipped)):
+    console.print(f"cache: {report.folder}", highlight=False, soft_wrap=True)
+    for title, rows in (
+        ("skipped while preparing", report.skipped),
+        ("skipped by the adapter/labels", report.site_skipped),
+    ):
         if not rows:
             continue
         table = Table(title=f"{len(rows)} {title}", show_lines=False)
@@ -538,4 +614,4 @@ def render_report(report: PrepareReport, console: Any) -> None:
         for row in rows:
             table.add_row(row.entry, row.reason)
         console.print(table)
-    console.print(f"report: {report_path(report.folder, report.dataset)}", highlight=False)
+    console.print(f"report: {report_path(report.folder, report.dataset)}", highlight=False, soft_wrap=True)

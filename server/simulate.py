@@ -136,8 +136,9 @@ def check_out(out: Path) -> None:
 
 
 def prepare_data(config: Mapping[str, Any], scale: Scale) -> None:
-    """Synthesise the run's sites at this scale (reused when present) and prepare them into the cache."""
-    from partitions.cache import prepare_site
+    """Synthesise the run's sites at this scale (reused when present) and prepare them into the cache, each step
+    with one pool of workers over all the sites' clips."""
+    from partitions.cache import prepare_sites
     from partitions.synth.writer import synthesise
 
     sites = [name.strip() for name in str(config["sites"]).split(",") if name.strip()]
@@ -152,8 +153,8 @@ def prepare_data(config: Mapping[str, Any], scale: Scale) -> None:
     written = synthesise(
         root, seed=SYNTH_SEED, sites=sites, subjects=subjects, clips_per_subject=clips, workers=WORKERS
     )
-    for name, path in written.items():
-        report = prepare_site(name, path, cache, workers=WORKERS, labels=str(config["labels"]))
+    reports = prepare_sites(written, cache, workers=WORKERS, labels=str(config["labels"]))
+    for (name, path), report in zip(written.items(), reports, strict=True):
         console.print(
             f"{name}: {report.total} clips ({report.prepared} prepared, {report.reused} cached, "
             f"{len(report.skipped)} skipped) at {path}",

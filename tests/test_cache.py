@@ -19,6 +19,7 @@ from rich.console import Console
 import partitions.cache as cache_module
 from partitions.cache import (
     PrepareConfig,
+    SiteSamples,
     entry_path,
     prepare_samples,
     read_entry,
@@ -163,6 +164,48 @@ def test_one_and_two_workers_write_identical_bytes(tmp_path: Path) -> None:
     assert one.prepared == two.prepared == 3
     for sample in samples:
         assert entry_path(one.folder, sample).read_bytes() == entry_path(two.folder, sample).read_bytes()
+
+
+def test_sites_in_one_pool_match_separate_runs(tmp_path: Path) -> None:
+    """Two sites through one pool of workers: each site's own report, and the entries a run per site writes."""
+    casme = [make_clip(tmp_path / "a", f"EP0{i}", seed=i) for i in range(3)]
+    samm = [replace(make_clip(tmp_path / "b", f"00{i}", seed=10 + i), database="samm") for i in range(2)]
+    samm[1].frames[0].unlink()
+    together = cache_module.prepare_many(
+        [SiteSamples("casme2", casme), SiteSamples("samm", samm)],
+        tmp_path / "one",
+        workers=2,
+        config=SMALL,
+        progress=False,
+    )
+    apart = [
+        quiet(casme, tmp_path / "casme2", workers=1),
+        prepare_samples(samm, tmp_path / "samm", "samm", config=SMALL, progress=False),
+    ]
+    assert [(r.dataset, r.total, r.prepared, len(r.skipped)) for r in together] == [
+        ("casme2", 3, 3, 0),
+        ("samm", 2, 1, 1),
+    ]
+    for report, alone, samples in zip(together, apart, (casme, samm), strict=True):
+        assert [s.reason for s in report.skipped] == [s.reason for s in alone.skipped]
+        assert json.loads(report_path(report.folder, report.dataset).read_text())["prepared"] == report.prepared
+        for sample in samples:
+            path = entry_path(report.folder, sample)
+            assert path.exists() == entry_path(alone.folder, sample).exists()
+            assert not path.exists() or path.read_bytes() == entry_path(alone.folder, sample).read_bytes()
+
+
+def test_prepare_shows_progress_lines_when_output_is_not_a_terminal(tmp_path: Path) -> None:
+    samples = [make_clip(tmp_path / "data", f"EP0{i}", seed=i) for i in range(3)]
+    buffer = io.StringIO()
+    console = Console(file=buffer, width=20, force_terminal=False)
+    prepare_samples(samples, tmp_path / "cache", "casme2", config=SMALL, console=console)
+    lines = [line.rsplit(",", 1)[0] for line in buffer.getvalue().splitlines()]
+    assert lines == [f"casme2: prepared {done}/3 clips" for done in range(4)]
+
+    buffer.truncate(0)
+    prepare_samples(samples, tmp_path / "cache", "casme2", config=SMALL, console=console)
+    assert buffer.getvalue() == ""  # nothing left to do: no progress to show
 
 
 def test_skipped_summary_names_the_file(tmp_path: Path) -> None:

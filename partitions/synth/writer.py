@@ -18,9 +18,9 @@ from pathlib import Path
 
 import cv2
 import numpy as np
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 from ..errors import DataError
+from ..progress import DataProgress
 from .clips import build_motion, neutral_image, plan_clip, render_frames
 from .databases import SPECS, SynthSpec
 from .face import Identity, landmarks_unit, place_landmarks, random_identity, render_face
@@ -143,12 +143,10 @@ def synthesise(
     if subjects < 1 or clips_per_subject < 1:
         raise DataError("--subjects and --clips-per-subject must be at least 1")
     settings = _settings(seed, subjects, clips_per_subject)
-    written = {}
-    for name in sites:
-        target = Path(out) / name
-        if not _reusable(target, settings):
-            _write_site(name, target, settings, workers or os.cpu_count() or 1, progress)
-        written[name] = target
+    written = {name: Path(out) / name for name in sites}
+    missing = [name for name in sites if not _reusable(written[name], settings)]
+    if missing:
+        _write_sites(missing, Path(out), settings, workers or os.cpu_count() or 1, progress)
     return written
 
 
@@ -165,31 +163,54 @@ def _reusable(target: Path, settings: dict) -> bool:
     )
 
 
-def _write_site(name: str, target: Path, settings: dict, workers: int, progress: bool) -> None:
+def _identity(task: tuple[str, int, int]) -> tuple[Identity, float]:
+    """Pool task: one subject's identity and face width."""
+    name, seed, subject = task
+    return subject_identity(seed, SITE_ORDER.index(name), subject, SPECS[name])
+
+
+def _write_sites(names: list[str], out: Path, settings: dict, workers: int, progress: bool) -> None:
+    """Write the sites with one pool of workers over all their subjects, then all their clips.
+
+    One pool keeps both cores busy across site boundaries, and draws the subjects' identities (each a few dlib
+    detections) in parallel too. Each site is renamed into place as soon as its last clip is written.
+    """
     seed, count, clips = settings["seed"], settings["subjects"], settings["clips_per_subject"]
-    site = SITE_ORDER.index(name)
-    spec = SPECS[name]
-    partial = target.parent / f".{name}.partial"
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    identities = [subject_identity(seed, site, s, spec) for s in range(count)]
-    tasks = [(name, partial, seed, site, s, c, *identities[s]) for s in range(count) for c in range(clips)]
+    partials = {name: out / f".{name}.partial" for name in names}
+    for partial in partials.values():
+        shutil.rmtree(partial, ignore_errors=True)
+        partial.mkdir(parents=True)
+    _detector()  # loaded before the fork: every worker shares it
+    subjects = [(name, seed, s) for name in names for s in range(count)]
+    tasks = len(names) * count * clips
     with (
-        multiprocessing.get_context("fork").Pool(min(workers, len(tasks))) as pool,
-        Progress(
-            TextColumn(f"synth {name}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(), disable=not progress
-        ) as bar,
+        multiprocessing.get_context("fork").Pool(min(workers, tasks)) as pool,
+        DataProgress("synthesised", enabled=progress) as shown,
     ):
-        job = bar.add_task(name, total=len(tasks))
-        records = []
-        for record in pool.imap(write_clip, tasks):
-            records.append(record)
-            bar.advance(job)
+        identities = dict(zip(subjects, pool.map(_identity, subjects), strict=True))
+        clip_tasks = [
+            (name, partials[name], seed, SITE_ORDER.index(name), s, c, *identities[name, seed, s])
+            for name in names
+            for s in range(count)
+            for c in range(clips)
+        ]
+        handles = {name: shown.add(name, count * clips) for name in names}
+        records: dict[str, list[ClipRecord]] = {name: [] for name in names}
+        for task, record in zip(clip_tasks, pool.imap(write_clip, clip_tasks), strict=True):
+            name = task[0]
+            records[name].append(record)
+            shown.advance(handles[name])
+            if len(records[name]) == count * clips:
+                _finish_site(name, partials[name], out / name, settings, records[name])
+
+
+def _finish_site(name: str, partial: Path, target: Path, settings: dict, records: list[ClipRecord]) -> None:
+    """Write the site's sheet and manifest, then rename the complete site into place."""
     LAYOUTS[name].write_sheet(partial, records)
     manifest = {
         "settings": settings,
         "database": name,
-        "fps": spec.fps,
+        "fps": SPECS[name].fps,
         "clips": [asdict(r) | {"action_units": [list(a) for a in r.action_units]} for r in records],
     }
     (partial / MANIFEST).write_text(json.dumps(manifest, indent=1))
