@@ -16,13 +16,19 @@ Writes one JSON (``--out``) with:
 * the pipeline's accuracy against the synthetic ground truth: TV-L1 end-point
   error in crop pixels (against the exact flow moved into crop coordinates)
   and dlib landmark NME (mean point error over the inter-ocular distance,
-  outer eye corners 36 and 45 of the exact landmarks).
+  outer eye corners 36 and 45 of the exact landmarks);
+* TV-L1 settings compared (``flow_settings``): for each, the end-point error
+  against the exact flow (all pixels, and pixels that move by more than
+  0.1 px) and the CPU time per frame pair (one thread, process time, which
+  other load on the machine inflates far less than wall time), on the crops of
+  ``--flow-clips`` clips of each default synthetic site (CASME II, SAMM, SMIC).
 
 Synthetic databases come from ``partitions.synth.writer.synthesise``; when that
 module is absent the script falls back to hand-made pre-cropped texture clips
 (throughput only: no faces, no ground truth) and says so in the JSON.
 
     .venv/bin/python benchmarks/prepare_throughput.py --clips 24
+    .venv/bin/python benchmarks/prepare_throughput.py --parts flow --flow-clips 8   # only the settings table
 """
 
 from __future__ import annotations
@@ -36,6 +42,7 @@ import shutil
 import sys
 import tempfile
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -43,12 +50,23 @@ import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from partitions.cache import STAGES, PrepareConfig, entry_path, prepare_samples, read_entry
+from partitions.cache import STAGES, PrepareConfig, entry_path, prepare_samples, process_sample, read_entry
 from partitions.face import face_models
-from partitions.flow import endpoint_error, tvl1
+from partitions.flow import FlowConfig, consecutive_flow, endpoint_error, tvl1
 from partitions.records import Sample
 
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "prepare_throughput.json"
+OPENCV_DEFAULTS = FlowConfig(scales=5, warps=5)  # what MOL uses, and fedmer's default before issue 11
+FLOW_SETTINGS = {
+    "opencv defaults (5 scales, 5 warps)": OPENCV_DEFAULTS,
+    "3 scales, 3 warps": replace(OPENCV_DEFAULTS, scales=3, warps=3),
+    "2 scales, 3 warps": replace(OPENCV_DEFAULTS, scales=2, warps=3),
+    "1 scale, 3 warps": replace(OPENCV_DEFAULTS, scales=1, warps=3),
+    "1 scale, 1 warp": replace(OPENCV_DEFAULTS, scales=1, warps=1),
+    "1 scale, 1 warp, 15 inner iterations": replace(OPENCV_DEFAULTS, scales=1, warps=1, inner_iterations=15),
+    "1 scale, 1 warp, epsilon 0.02": replace(OPENCV_DEFAULTS, scales=1, warps=1, epsilon=0.02),
+}
+MOVING_PX = 0.1
 
 
 def synthetic_samples(folder: Path, clips: int, seed: int) -> tuple[list[Sample], str]:
@@ -58,8 +76,9 @@ def synthetic_samples(folder: Path, clips: int, seed: int) -> tuple[list[Sample]
 
         synthesise = importlib.import_module("partitions.synth.writer").synthesise
         subjects = max(1, clips // 4)
-        written = synthesise(folder, seed=seed, sites=["casme2"], subjects=subjects,
-                             clips_per_subject=-(-clips // subjects))
+        written = synthesise(
+            folder, seed=seed, sites=["casme2"], subjects=subjects, clips_per_subject=-(-clips // subjects)
+        )
         site = load_site("casme2", written["casme2"])
         return site.samples[:clips], f"partitions.synth.writer casme2 (seed {seed})"
     return handmade_samples(folder, clips, seed), "hand-made pre-cropped textures (partitions.synth.writer missing)"
@@ -78,8 +97,21 @@ def handmade_samples(folder: Path, clips: int, seed: int) -> list[Sample]:
             path = clip_dir / f"img{n}.jpg"
             cv2.imwrite(str(path), np.roll(texture, n // 4, axis=1))
             paths.append(path)
-        samples.append(Sample("casme2", f"sub{index // 4 + 1:02d}", f"EP{index:02d}", tuple(paths),
-                              tuple(range(1, 41)), 200.0, "others", onset=5, apex=15, offset=36, precropped=True))
+        samples.append(
+            Sample(
+                "casme2",
+                f"sub{index // 4 + 1:02d}",
+                f"EP{index:02d}",
+                tuple(paths),
+                tuple(range(1, 41)),
+                200.0,
+                "others",
+                onset=5,
+                apex=15,
+                offset=36,
+                precropped=True,
+            )
+        )
     return samples
 
 
@@ -188,8 +220,74 @@ def machine_scaling(pairs: int = 12) -> dict:
     with ProcessPoolExecutor(2, mp_context=get_context("spawn")) as pool:
         pool.submit(_tvl1_pairs, 1).result()  # start both workers before timing
         together = max(pool.map(_tvl1_pairs, [pairs, pairs]))
-    return {"tvl1_s_per_pair_alone": round(alone / pairs, 4), "tvl1_s_per_pair_two_at_once": round(together / pairs, 4),
-            "ceiling_speedup_2_processes": round(2 * alone / together, 3)}
+    return {
+        "tvl1_s_per_pair_alone": round(alone / pairs, 4),
+        "tvl1_s_per_pair_two_at_once": round(together / pairs, 4),
+        "ceiling_speedup_2_processes": round(2 * alone / together, 3),
+    }
+
+
+def site_samples(folder: Path, clips: int, seed: int) -> list[Sample]:
+    """The first ``clips`` labelled clips of each default synthetic site (2 subjects is enough for a few clips)."""
+    from partitions.labels import load_site
+    from partitions.synth.writer import synthesise
+
+    subjects = max(1, -(-clips // 3))
+    written = synthesise(folder, seed=seed, subjects=subjects, clips_per_subject=6, progress=False)
+    return [s for name, root in written.items() for s in load_site(name, root, labels="composite3").samples[:clips]]
+
+
+def moving_error(estimate: np.ndarray, truth: np.ndarray, margin: int = 4) -> float:
+    """Mean end-point error over the pixels whose exact motion exceeds ``MOVING_PX`` (the micro-movement itself)."""
+    estimate, truth = estimate[..., margin:-margin, margin:-margin], truth[..., margin:-margin, margin:-margin]
+    moving = np.sqrt((truth**2).sum(axis=-3)) > MOVING_PX
+    return float(np.sqrt(((estimate - truth) ** 2).sum(axis=-3))[moving].mean())
+
+
+def flow_settings(samples: list[Sample], settings: dict[str, FlowConfig]) -> dict:
+    """Each TV-L1 setting's error against the exact flow, and its CPU seconds per pair, on the same crops."""
+    cv2.setNumThreads(1)
+    cheapest = PrepareConfig(flow=FlowConfig(scales=1, warps=1, inner_iterations=1, outer_iterations=1))
+    clips = []
+    for sample in samples:  # crops and exact flow do not depend on the flow settings
+        arrays = process_sample(sample, cheapest)
+        if "gt_flow" in arrays:
+            clips.append((list(arrays["frames"]), arrays["gt_flow"].astype(np.float32)))
+    truths = [truth for _, truth in clips]
+    rows = {}
+    for name, flow in settings.items():
+        tvl1(flow)  # the solver is built once per worker; not part of the per-pair cost
+        errors, moving, seconds, pairs = [], [], 0.0, 0
+        for crops, truth in clips:
+            start = time.process_time()
+            estimate = consecutive_flow(crops, flow)
+            seconds += time.process_time() - start
+            pairs += len(crops) - 1
+            errors.append(endpoint_error(estimate, truth, margin=4))
+            moving.append(moving_error(estimate, truth))
+        rows[name] = {
+            "config": {
+                "scales": flow.scales,
+                "warps": flow.warps,
+                "inner_iterations": flow.inner_iterations,
+                "outer_iterations": flow.outer_iterations,
+                "epsilon": flow.epsilon,
+            },
+            "epe_px": round(float(np.mean(errors)), 4),
+            "epe_moving_px": round(float(np.mean(moving)), 4),
+            "cpu_ms_per_pair": round(1000 * seconds / max(pairs, 1), 1),
+        }
+    return {
+        "clips": len(clips),
+        "sites": sorted({s.database for s in samples}),
+        "moving_threshold_px": MOVING_PX,
+        "zero_flow": {
+            "epe_px": round(float(np.mean([endpoint_error(np.zeros_like(t), t, margin=4) for t in truths])), 4),
+            "epe_moving_px": round(float(np.mean([moving_error(np.zeros_like(t), t) for t in truths])), 4),
+        },
+        "settings": rows,
+        "fedmer_default": next((name for name, flow in settings.items() if flow == FlowConfig()), None),
+    }
 
 
 def same_bytes(samples: list[Sample], first: Path, second: Path) -> bool:
@@ -198,32 +296,31 @@ def same_bytes(samples: list[Sample], first: Path, second: Path) -> bool:
     return all(a.exists() == b.exists() and (not a.exists() or a.read_bytes() == b.read_bytes()) for a, b in paths)
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
-    parser.add_argument("--clips", type=int, default=24)
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--repeat", type=int, default=1, help="runs per worker count; the fastest is kept")
-    args = parser.parse_args()
-
+def throughput(clips: int, seed: int, repeat: int) -> dict:
+    """Clips/s at 1 and 2 workers, the per-stage profile and the pipeline's accuracy, with fedmer's settings."""
     config = PrepareConfig()
     with tempfile.TemporaryDirectory(prefix="prepare-bench-data-") as data:
-        samples, source = synthetic_samples(Path(data), args.clips, args.seed)
+        samples, source = synthetic_samples(Path(data), clips, seed)
         load_before, pressure_before = os.getloadavg(), cpu_pressure()
         ceiling = machine_scaling()
-        best = interleaved_best(samples, config, args.repeat)
+        best = interleaved_best(samples, config, repeat)
         (one, one_folder), (two, two_folder) = best[1], best[2]
         ceiling_after = machine_scaling()
         result = {
-            "benchmark": "prepare_throughput",
             "data": source,
             "clips": len(samples),
             "config": config.as_dict(),
-            "machine": {"cpus": os.cpu_count(), "python": platform.python_version(), "opencv": cv2.__version__,
-                        "load_average_before": [round(x, 2) for x in load_before],
-                        "cpu_pressure_before": pressure_before, "cpu_pressure_after": cpu_pressure(),
-                        "before": ceiling, "after": ceiling_after},
-            "repeat": args.repeat,
+            "machine": {
+                "cpus": os.cpu_count(),
+                "python": platform.python_version(),
+                "opencv": cv2.__version__,
+                "load_average_before": [round(x, 2) for x in load_before],
+                "cpu_pressure_before": pressure_before,
+                "cpu_pressure_after": cpu_pressure(),
+                "before": ceiling,
+                "after": ceiling_after,
+            },
+            "repeat": repeat,
             "runs": [one, two],
             "speedup_2_workers": round(one["seconds"] / two["seconds"], 3),
             "speedup_target": 1.7,
@@ -233,12 +330,54 @@ def main() -> None:
         }
     for folder in (one_folder, two_folder):  # fresh caches were only for this measurement
         shutil.rmtree(folder.parent, ignore_errors=True)
+    return result
+
+
+def flow_part(clips: int, seed: int) -> dict:
+    """The TV-L1 settings table on fresh synthetic sites."""
+    with tempfile.TemporaryDirectory(prefix="prepare-bench-flow-") as data:
+        load_before, pressure_before = os.getloadavg(), cpu_pressure()
+        table = flow_settings(site_samples(Path(data), clips, seed), FLOW_SETTINGS)
+    return table | {
+        "load_average_before": [round(x, 2) for x in load_before],
+        "cpu_pressure_before": pressure_before,
+        "cpu_pressure_after": cpu_pressure(),
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
+    parser.add_argument("--clips", type=int, default=24)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--repeat", type=int, default=1, help="runs per worker count; the fastest is kept")
+    parser.add_argument("--flow-clips", type=int, default=8, help="clips per site for the TV-L1 settings table")
+    parser.add_argument(
+        "--parts",
+        default="throughput,flow",
+        help="throughput, flow or both (comma-separated); a part not run keeps its figures from the existing --out",
+    )
+    args = parser.parse_args()
+    parts = {part.strip() for part in args.parts.split(",") if part.strip()}
+    unknown = parts - {"throughput", "flow"}
+    if unknown:
+        parser.error(f"--parts: unknown {', '.join(sorted(unknown))}; use throughput and/or flow")
+
+    result = json.loads(args.out.read_text()) if args.out.is_file() else {}
+    result["benchmark"] = "prepare_throughput"
+    if "throughput" in parts:
+        result |= throughput(args.clips, args.seed, args.repeat)
+    if "flow" in parts:
+        result["flow_settings"] = flow_part(args.flow_clips, args.seed)
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
-    keys = ("clips", "speedup_2_workers", "identical_entries_1_vs_2_workers", "accuracy")
-    summary = {k: result[k] for k in keys} | {"profile": result["profile_1_worker"]["share"]}
-    ceilings = [c["ceiling_speedup_2_processes"] for c in (ceiling, ceiling_after)]
-    print(json.dumps(summary | {"machine_ceiling_before_after": ceilings}, indent=2))
+    if "throughput" in parts:
+        keys = ("clips", "speedup_2_workers", "identical_entries_1_vs_2_workers", "accuracy")
+        summary = {k: result[k] for k in keys} | {"profile": result["profile_1_worker"]["share"]}
+        ceilings = [result["machine"][c]["ceiling_speedup_2_processes"] for c in ("before", "after")]
+        print(json.dumps(summary | {"machine_ceiling_before_after": ceilings}, indent=2))
+    if "flow" in parts:
+        print(json.dumps(result["flow_settings"], indent=2))
     print(f"written {args.out}")
 
 

@@ -2,8 +2,15 @@
 
 MOL (Shao et al., TPAMI 2025) trains its flow branch on TV-L1 flow between
 consecutive sampled crops (``cv2.optflow.DualTVL1OpticalFlow_create()`` with
-OpenCV's defaults), used as pseudo ground truth; :class:`FlowConfig` spells
-those defaults out so that they are part of the cache key.
+OpenCV's defaults), used as pseudo ground truth. fedmer keeps OpenCV's solver
+constants but uses one pyramid scale and one warp instead of five and five:
+a micro-movement moves a crop pixel by well under a pixel between consecutive
+sampled frames, so coarse scales and re-warping add time, not accuracy.
+Measured against the exact flow of the synthetic sites
+(``benchmarks/prepare_throughput.py --parts flow``): 4.8x less CPU per frame
+pair, end-point error 0.0845 px instead of 0.0834 over all pixels and 0.113
+instead of 0.118 over moving ones. :class:`FlowConfig` spells every setting out
+so that all of them are part of the cache key.
 
 Convention (OpenCV's): ``flow[y, x] = (dx, dy)`` with ``I_a(p) ≈ I_b(p + flow(p))``.
 """
@@ -20,13 +27,13 @@ import numpy as np
 
 @dataclass(frozen=True)
 class FlowConfig:
-    """Dual TV-L1 settings (OpenCV's defaults, which MOL uses unchanged)."""
+    """Dual TV-L1 settings: OpenCV's defaults (which MOL uses unchanged) except one scale and one warp."""
 
     tau: float = 0.25
     lambda_: float = 0.15
     theta: float = 0.3
-    scales: int = 5
-    warps: int = 5
+    scales: int = 1
+    warps: int = 1
     epsilon: float = 0.01
     inner_iterations: int = 30
     outer_iterations: int = 10
