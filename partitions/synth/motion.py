@@ -19,6 +19,7 @@ AU12 pulls the lip corners up and out, AU17 pushes the chin boss up.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from functools import lru_cache
 
 import cv2
 import numpy as np
@@ -137,18 +138,28 @@ class MotionModel:
         """D_t and its Jacobian at arbitrary points: (N, 2) and (N, 2, 2), evaluated analytically.
 
         Computed in float32 (about 2e-5 px at these coordinates), which makes
-        rendering five times faster than float64.
+        rendering five times faster than float64. The (K, N) terms are laid out one control point per row, so
+        numpy's loops run along the N points rather than the few control points.
         """
         centres, vectors, radii = (a.astype(np.float32) for a in self._active(row))
-        points = points.astype(np.float32)
-        dx = points[:, 0:1] - centres[None, :, 0]  # (N, K)
-        dy = points[:, 1:2] - centres[None, :, 1]
-        inverse_r2 = 1.0 / radii**2
-        bumps = np.exp(-0.5 * (dx * dx + dy * dy) * inverse_r2)
-        displacement = bumps @ vectors
-        slope_x, slope_y = (bumps * dx * inverse_r2) @ vectors, (bumps * dy * inverse_r2) @ vectors
+        x, y = np.array(points.T, np.float32)
+        dx = x - centres[:, 0:1]  # (K, N)
+        dy = y - centres[:, 1:2]
+        inverse_r2 = (1.0 / radii**2)[:, None]
+        bumps = dx * dx  # then in place: exp(-0.5 * (dx^2 + dy^2) / r^2), the same operations in the same order
+        bumps += dy * dy
+        bumps *= -0.5
+        bumps *= inverse_r2
+        np.exp(bumps, out=bumps)
+        moves = vectors.T
+        displacement = (moves @ bumps).T
+        dx *= bumps  # dx, dy become bumps * d / r^2, the slopes' terms
+        dx *= inverse_r2
+        dy *= bumps
+        dy *= inverse_r2
+        slope_x, slope_y = (moves @ dx).T, (moves @ dy).T
         jacobian = -np.stack([slope_x, slope_y], axis=-1)  # [n, i, j] = d D_i / d x_j
-        return displacement.astype(np.float64), jacobian.astype(np.float64)
+        return displacement.astype(np.float64, order="C"), jacobian.astype(np.float64)
 
     def _rigid(self, row: int) -> tuple[np.ndarray, np.ndarray]:
         angle, tx, ty = self.rigid[row]
@@ -159,7 +170,8 @@ class MotionModel:
         """P_t: where neutral points (N, 2) are at frame ``row``."""
         rotation, shift = self._rigid(row)
         moved = points + self.displacement_at(points, row)[0]
-        return (moved - self.face_centre) @ rotation.T + self.face_centre + shift
+        centred = _add_columns(moved, -self.face_centre) @ rotation.T
+        return _add_columns(_add_columns(centred, self.face_centre), shift)
 
     def landmarks(self, row: int) -> np.ndarray:
         """Exact 68 landmarks (x, y) of frame ``row``."""
@@ -176,12 +188,14 @@ class MotionModel:
         """
         h, w = (int(v) for v in self.image_shape)
         rotation, shift = self._rigid(row)
-        z = (_pixel_grid(h, w) - self.face_centre - shift) @ rotation + self.face_centre
+        centred = _add_columns(_add_columns(_pixel_grid(h, w), -self.face_centre), -shift)
+        z = _add_columns(centred @ rotation, self.face_centre)
         x = z.copy()
         near = self._support(row).ravel()
         if near.any():
-            guess = z[near] if start is None else start.reshape(-1, 2)[near].astype(np.float64)
-            x[near] = self._solve(z[near], guess, row)
+            targets = z[near]
+            guess = targets if start is None else start.reshape(-1, 2)[near].astype(np.float64)
+            x[near] = self._solve(targets, guess, row)
         return x.reshape(h, w, 2).astype(np.float32)
 
     def _support(self, row: int) -> np.ndarray:
@@ -198,20 +212,28 @@ class MotionModel:
         return mask
 
     def _solve(self, z: np.ndarray, guess: np.ndarray, row: int) -> np.ndarray:
-        """Newton iterations for x + D_t(x) = z, dropping points once they have converged."""
+        """Newton iterations for x + D_t(x) = z, dropping points once they have converged.
+
+        The unconverged points are kept as compact arrays, gathered anew only when some converge.
+        """
         x = guess.copy()
         todo = np.arange(len(x))
+        points, targets = x, z
         for _ in range(MAX_NEWTON_STEPS):
-            displacement, jacobian = self.displacement_at(x[todo], row)
-            residual = x[todo] + displacement - z[todo]
+            displacement, jacobian = self.displacement_at(points, row)
+            residual = points + displacement - targets
             a, b = 1.0 + jacobian[:, 0, 0], jacobian[:, 0, 1]
             c, d = jacobian[:, 1, 0], 1.0 + jacobian[:, 1, 1]
             step = np.stack([d * residual[:, 0] - b * residual[:, 1], a * residual[:, 1] - c * residual[:, 0]], 1)
             step /= (a * d - b * c)[:, None]  # (I + J)^-1 residual, 2x2 in closed form
-            x[todo] -= step
-            todo = todo[np.abs(step).max(axis=1) >= NEWTON_TOLERANCE]
-            if todo.size == 0:
-                break
+            points = points - step
+            moving = np.maximum(np.abs(step[:, 0]), np.abs(step[:, 1])) >= NEWTON_TOLERANCE
+            if not moving.all():
+                x[todo] = points
+                todo, points, targets = todo[moving], points[moving], targets[moving]
+                if todo.size == 0:
+                    break
+        x[todo] = points
         return x
 
     def flow(self, row_a: int, row_b: int) -> np.ndarray:
@@ -230,10 +252,25 @@ class MotionModel:
         return cls(**{name: np.asarray(arrays[name]) for name in cls.__dataclass_fields__})
 
 
+@lru_cache(maxsize=8)
 def _pixel_grid(h: int, w: int) -> np.ndarray:
-    """(x, y) of every pixel, row-major, (H*W, 2) float64."""
+    """(x, y) of every pixel, row-major, (H*W, 2) float64; one read-only copy per frame size."""
     yy, xx = np.mgrid[0:h, 0:w]
-    return np.stack([xx.ravel(), yy.ravel()], axis=1).astype(np.float64)
+    grid = np.stack([xx.ravel(), yy.ravel()], axis=1).astype(np.float64)
+    grid.flags.writeable = False
+    return grid
+
+
+def _add_columns(points: np.ndarray, vector: np.ndarray) -> np.ndarray:
+    """``points + vector`` for (N, 2) points and a (2,) vector, one column at a time.
+
+    The same sums as numpy's broadcast (so the same bits; ``p - v`` is ``p + (-v)`` exactly), about four times
+    faster: a broadcast over a last axis of 2 runs numpy's inner loop two elements at a time.
+    """
+    out = np.empty(points.shape, np.result_type(points, vector))
+    for column in range(points.shape[1]):
+        np.add(points[:, column], vector[column], out=out[:, column])
+    return out
 
 
 def warp(neutral: np.ndarray, pullback: np.ndarray) -> np.ndarray:
