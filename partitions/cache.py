@@ -52,7 +52,7 @@ from .face import (
     warp,
     whole_frame_rect,
 )
-from .flow import FlowConfig, consecutive_flow, flow_to_crop, tvl1
+from .flow import FlowConfig, consecutive_flow, crop_pixels_in_frame, displacements_to_crop, tvl1
 from .progress import DataProgress
 from .records import Sample, Skipped
 from .sampling import SamplingPlan, TooFewFrames, assemble, plan_sampling
@@ -83,7 +83,7 @@ class PrepareConfig:
     align: AlignConfig = field(default_factory=AlignConfig)
     flow: FlowConfig = field(default_factory=FlowConfig)
     upsamples: tuple[int, ...] = (0, 1)
-    version: int = 1
+    version: int = 2  # 2: the exact flow is evaluated at the crop's pixels instead of interpolated from the frame's
 
     @property
     def size(self) -> int:
@@ -288,9 +288,12 @@ def _ground_truth(sample: Sample, plan: SamplingPlan, transform: np.ndarray, siz
     if truth is None:
         return {}
     numbers = [sample.frame_numbers[index] for index in plan.needed]
+    points = crop_pixels_in_frame(transform, size)
     try:
         landmarks = np.stack([to_crop(truth.landmarks(n), transform) for n in numbers])
-        flow = np.stack([flow_to_crop(truth.flow(a, b), transform, size) for a, b in pairwise(numbers)])
+        flow = np.stack(
+            [displacements_to_crop(truth.flow_at(points, a, b), transform, size) for a, b in pairwise(numbers)]
+        )
     except KeyError:  # ground truth that does not cover these frames: score nothing rather than guess
         return {}
     return {"gt_landmarks": landmarks.astype(np.float32), "gt_flow": flow.astype(np.float16)}

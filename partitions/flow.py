@@ -46,10 +46,18 @@ class FlowConfig:
 def tvl1(config: FlowConfig) -> cv2.DenseOpticalFlow:
     """One TV-L1 solver per process and setting (it holds no state between calls without initial flow)."""
     return cv2.optflow.DualTVL1OpticalFlow_create(
-        tau=config.tau, lambda_=config.lambda_, theta=config.theta, nscales=config.scales,
-        warps=config.warps, epsilon=config.epsilon, innnerIterations=config.inner_iterations,
-        outerIterations=config.outer_iterations, scaleStep=config.scale_step, gamma=config.gamma,
-        medianFiltering=config.median_filtering, useInitialFlow=False,
+        tau=config.tau,
+        lambda_=config.lambda_,
+        theta=config.theta,
+        nscales=config.scales,
+        warps=config.warps,
+        epsilon=config.epsilon,
+        innnerIterations=config.inner_iterations,
+        outerIterations=config.outer_iterations,
+        scaleStep=config.scale_step,
+        gamma=config.gamma,
+        medianFiltering=config.median_filtering,
+        useInitialFlow=False,
     )
 
 
@@ -68,11 +76,30 @@ def flow_to_crop(flow: np.ndarray, transform: np.ndarray, size: int) -> np.ndarr
     ``warpAffine`` does with the same matrix) and rotate/scale the vectors.
     """
     resampled = cv2.warpAffine(
-        np.ascontiguousarray(flow, dtype=np.float32), transform, (size, size),
-        flags=cv2.INTER_LINEAR, borderMode=cv2.BORDER_REPLICATE,
+        np.ascontiguousarray(flow, dtype=np.float32),
+        transform,
+        (size, size),
+        flags=cv2.INTER_LINEAR,
+        borderMode=cv2.BORDER_REPLICATE,
     )
     linear = transform[:, :2].astype(np.float32)
     return np.einsum("ij,hwj->ihw", linear, resampled).astype(np.float32)
+
+
+def crop_pixels_in_frame(transform: np.ndarray, size: int) -> np.ndarray:
+    """Frame coordinates (size * size, 2) of every crop pixel, row-major: the points the crop samples."""
+    inverse = cv2.invertAffineTransform(transform)
+    rows, columns = np.mgrid[0:size, 0:size]
+    crop = np.stack([columns.ravel(), rows.ravel()], axis=1).astype(np.float64)
+    return crop @ inverse[:, :2].T + inverse[:, 2]
+
+
+def displacements_to_crop(displacements: np.ndarray, transform: np.ndarray, size: int) -> np.ndarray:
+    """Frame-pixel displacements at :func:`crop_pixels_in_frame`'s points -> crop-pixel flow (2, size, size).
+
+    Exact motion evaluated at the crop's own pixels: unlike :func:`flow_to_crop`, nothing is interpolated.
+    """
+    return (displacements @ transform[:, :2].T).T.reshape(2, size, size).astype(np.float32)
 
 
 def endpoint_error(estimate: np.ndarray, truth: np.ndarray, margin: int = 0) -> float:

@@ -304,6 +304,25 @@ def test_flow_warps_one_noise_free_frame_onto_another(clip: tuple[ClipPlan, np.n
     assert np.abs(landmarks_a + at - landmarks_b).max() < 0.1
 
 
+def test_flow_at_any_point_is_the_pixel_flow_and_lands_where_the_point_moves(
+    clip: tuple[ClipPlan, np.ndarray, MotionModel],
+) -> None:
+    """``flow_at`` (the exact flow at a crop's pixels, which are not frame pixels) agrees with ``flow`` on pixels,
+    and off the pixel grid its flows from a to b and back compose to no motion."""
+    plan, _neutral, motion = clip
+    a, b = motion.frame_row(plan.timeline.onset), motion.frame_row(plan.timeline.apex)
+    h, w = (int(v) for v in motion.image_shape)
+    pixels = pixel_grid(h, w).reshape(-1, 2)[::7]
+    flow = motion.flow(a, b).reshape(-1, 2)[::7]
+    assert np.abs(flow).max() > 1.0  # the clip moves between these frames
+    assert np.abs(motion.flow_at(pixels, a, b) - flow).max() < 1e-3
+
+    between = pixels + np.array([0.37, 0.61])  # off the grid, where a pixel flow would be interpolated
+    there = between + motion.flow_at(between, a, b)
+    back = there + motion.flow_at(there, b, a)  # exact flow both ways: the round trip ends where it began
+    assert np.abs(back - between).max() < 1e-3
+
+
 def test_landmarks_are_the_forward_map_of_the_neutral_ones(clip: tuple[ClipPlan, np.ndarray, MotionModel]) -> None:
     plan, _neutral, motion = clip
     for row in range(len(motion.frame_numbers)):

@@ -47,12 +47,22 @@ class ClipGroundTruth:
         model, row = self._model(frame_number)
         return model.landmarks(row)
 
-    def flow(self, frame_a: int, frame_b: int) -> np.ndarray:
-        """Displacement (H, W, 2) of each pixel of frame a to frame b: I_a(p) = I_b(p + flow(p))."""
+    def _pair(self, frame_a: int, frame_b: int) -> tuple[MotionModel, int, int]:
+        """The model holding both frames, and their rows."""
         model, row_a = self._model(frame_a)
         if frame_b not in model.frame_numbers:
             raise KeyError(f"frames {frame_a} and {frame_b} belong to different MEs")
-        return model.flow(row_a, model.frame_row(frame_b))
+        return model, row_a, model.frame_row(frame_b)
+
+    def flow(self, frame_a: int, frame_b: int) -> np.ndarray:
+        """Displacement (H, W, 2) of each pixel of frame a to frame b: I_a(p) = I_b(p + flow(p))."""
+        model, row_a, row_b = self._pair(frame_a, frame_b)
+        return model.flow(row_a, row_b)
+
+    def flow_at(self, points: np.ndarray, frame_a: int, frame_b: int) -> np.ndarray:
+        """Displacement (N, 2) of points (N, 2) of frame a, anywhere in frame pixels, to frame b."""
+        model, row_a, row_b = self._pair(frame_a, frame_b)
+        return model.flow_at(points, row_a, row_b)
 
 
 def load_ground_truth(clip_dir: Path) -> ClipGroundTruth | None:

@@ -187,9 +187,7 @@ class MotionModel:
         previous frame's pullback, is a close first guess when rendering in order.
         """
         h, w = (int(v) for v in self.image_shape)
-        rotation, shift = self._rigid(row)
-        centred = _add_columns(_add_columns(_pixel_grid(h, w), -self.face_centre), -shift)
-        z = _add_columns(centred @ rotation, self.face_centre)
+        z = self._unposed(_pixel_grid(h, w), row)
         x = z.copy()
         near = self._support(row).ravel()
         if near.any():
@@ -197,6 +195,21 @@ class MotionModel:
             guess = targets if start is None else start.reshape(-1, 2)[near].astype(np.float64)
             x[near] = self._solve(targets, guess, row)
         return x.reshape(h, w, 2).astype(np.float32)
+
+    def _unposed(self, points: np.ndarray, row: int) -> np.ndarray:
+        """Frame points (N, 2) with frame ``row``'s head pose undone: the z of x + D_t(x) = z."""
+        rotation, shift = self._rigid(row)
+        centred = _add_columns(_add_columns(points, -self.face_centre), -shift)
+        return _add_columns(centred @ rotation, self.face_centre)
+
+    def flow_at(self, points: np.ndarray, row_a: int, row_b: int) -> np.ndarray:
+        """Exact displacement (N, 2) of points (N, 2) of frame a, anywhere (not only on pixels), to frame b.
+
+        What :meth:`flow` gives on the pixel grid, for just the points asked (e.g. a crop's pixels).
+        """
+        points = np.asarray(points, np.float64)
+        z = self._unposed(points, row_a)
+        return self.forward(self._solve(z, z, row_a), row_b) - points
 
     def _support(self, row: int) -> np.ndarray:
         """(H, W) mask of frame pixels that a moving control point can reach (a box per point, padded for pose)."""
