@@ -30,18 +30,29 @@ class FlowHeadConfig:
     dilation: int = 1  # pixels at 1/8 resolution between displacements
     fuse: int = 96  # channels after fusing correlation, redirect and F5C features
     deep: tuple[int, ...] = ()  # extra stride-2 stages below 1/8 (FlowNetC: 512, 512, 1024)
-    decoder: tuple[int, ...] = (48, 32, 16)  # channels of each upsampling stage back to full resolution
+    decoder: tuple[int, ...] = (48,)  # channels of each upsampling stage, down to ``output_stride``
     transposed: bool = False  # transposed-conv upsampling (FlowNetC) instead of bilinear + conv
-    # The decoder's 1/4, 1/2 and full-resolution skips carry frame B's maps (and frame B) next to frame A's.
-    # Otherwise frame B reaches the head only through the 1/8 correlation, where a 1-pixel micro-expression
-    # motion is 1/8 pixel; FlowNetC (and the mol preset) skip frame A only.
+    # Resolution of the last predicted flow: 1 (full), 2, 4 or 8. A coarser flow is upsampled bilinearly to full
+    # resolution, as FlowNetC does from 1/4: the decoder's full-resolution stages were most of a training step.
+    output_stride: int = 4
+    # The decoder's skips (1/4, and 1/2 and full resolution where it goes that far) carry frame B's maps (and
+    # frame B) next to frame A's. Otherwise frame B reaches the head only through the 1/8 correlation, where a
+    # 1-pixel micro-expression motion is 1/8 pixel; FlowNetC (and the mol preset) skip frame A only.
     skip_both_frames: bool = True
 
     def __post_init__(self) -> None:
-        if len(self.decoder) != len(self.deep) + 3:
+        if self.output_stride not in (1, 2, 4, 8):
+            raise ValueError(f"flow output_stride={self.output_stride}: choose 1, 2, 4 or 8")
+        if len(self.decoder) != len(self.deep) + self.fine_stages:
             raise ValueError(
-                f"flow decoder has {len(self.decoder)} stages; it needs one per deep stage plus three (1/8 to 1)"
+                f"flow decoder has {len(self.decoder)} stages; it needs one per deep stage plus {self.fine_stages} "
+                f"(1/8 to 1/{self.output_stride})"
             )
+
+    @property
+    def fine_stages(self) -> int:
+        """Decoder stages from 1/8 up to the output resolution: 3 for full resolution, 0 for 1/8."""
+        return (8 // self.output_stride).bit_length() - 1
 
 
 @dataclass(frozen=True)
@@ -126,6 +137,7 @@ MOL_PRESET = dict(
         fuse=256,
         deep=(512, 512, 1024),
         decoder=(512, 256, 128, 128, 64, 32),
+        output_stride=1,
         transposed=True,
         skip_both_frames=False,
     ),

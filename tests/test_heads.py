@@ -17,7 +17,7 @@ import torch.nn.functional as F
 from opacus import GradSampleModule
 from torch import nn
 
-from models.config import preset
+from models.config import FlowHeadConfig, preset
 from models.flow import FlowHead, correlation, crop_like, pair_correlation
 from models.landmarks import LandmarkHead
 
@@ -136,11 +136,30 @@ def test_mol_flow_head_has_release_structure() -> None:
     assert [stage[1][0].out_channels for stage in head.deep] == [512, 512, 1024]
     assert [p.in_channels for p in head.predict] == [1024, 1026, 770, 386, 258, 130, 35]
     assert [up.conv.in_channels for up in head.up_features] == [1024, 1026, 770, 386, 258, 130]
-    # lite skips both frames at 1/4 (2x32), 1/2 (2x16) and full resolution (2x1), each next to 48/32/16 + 2
+    # lite stops at 1/4, as FlowNetC does: one decoder stage whose skip holds both frames' 1/4 maps (2x32)
     lite = FlowHead(LITE.flow, 256)
-    assert [p.in_channels for p in lite.predict] == [96, 64 + 48 + 2, 32 + 32 + 2, 2 + 16 + 2]
+    assert [p.in_channels for p in lite.predict] == [96, 64 + 48 + 2]
     parametrised = [m for m in lite.modules() if any(True for _ in m.parameters(recurse=False))]
     assert all(isinstance(m, nn.Conv3d | nn.GroupNorm) for m in parametrised)
+
+
+def test_a_coarse_flow_is_its_last_prediction_upsampled_bilinearly_in_full_resolution_pixels() -> None:
+    torch.manual_seed(0)
+    head = FlowHead(LITE.flow, 16)
+    frames, features = _flow_inputs(2, 3, 32, 16)
+    coarse = []
+    head.predict[-1].register_forward_hook(lambda module, args, out: coarse.append(out))
+    flow = head(frames, features)
+    assert coarse[0].shape == (2, 2, 2, 8, 8)  # 1/4 of 32
+    folded = coarse[0].transpose(1, 2).flatten(0, 1)
+    expected = F.interpolate(folded, scale_factor=4.0, mode="bilinear", align_corners=False)
+    assert torch.allclose(flow, expected.unflatten(0, (2, 2)).transpose(1, 2))  # no rescaling of the values
+
+
+@pytest.mark.parametrize(("decoder", "stride"), [((48, 32), 4), ((48,), 1), ((48,), 3)])
+def test_flow_decoder_must_reach_the_output_stride(decoder: tuple[int, ...], stride: int) -> None:
+    with pytest.raises(ValueError, match="flow"):
+        FlowHeadConfig(decoder=decoder, output_stride=stride)
 
 
 def test_flow_head_rejects_bad_inputs() -> None:
