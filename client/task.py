@@ -22,6 +22,7 @@ from torch import Tensor, nn
 from torch.utils.data import DataLoader, Dataset
 
 from client import protocol
+from client.precision import autocast_dtype
 from client.privacy import (
     HistoryRecord,
     PrivacyLedger,
@@ -142,6 +143,7 @@ class LocalTraining:
     local_params: tuple[str, ...] = ()
     weights: LossWeights = field(default_factory=LossWeights)
     device: str = "cpu"
+    precision: str = "fp32"  # or "bf16": autocast where the device computes bf16 natively (client.precision)
     server_round: int = 1  # for progress lines only
 
 
@@ -187,7 +189,10 @@ def train_local(
     loader = seeded_loader(dataset, options.batch_size, shuffle=True, seed=options.seed)
     if privacy is None:
         penalty = (lambda: options.mu / 2 * proximal_term(model, anchor)) if anchor else None
-        return _train_epochs(model, loader, optimizer, loss_fn, dataset, num_classes, options, on_epoch, penalty)
+        dtype = autocast_dtype(options.precision, options.device)
+        return _train_epochs(
+            model, loader, optimizer, loss_fn, dataset, num_classes, options, on_epoch, penalty, precision=dtype
+        )
     private = make_private(
         model,
         optimizer,
@@ -206,7 +211,14 @@ def train_local(
             warnings.filterwarnings("ignore", message="Full backward hook is firing")
             warnings.filterwarnings("ignore", message="In CPU autocast")
             outcome = _train_epochs(
-                private.model, private.loader, private.optimizer, private.loss, dataset, num_classes, options, on_epoch,
+                private.model,
+                private.loader,
+                private.optimizer,
+                private.loss,
+                dataset,
+                num_classes,
+                options,
+                on_epoch,
                 empty_step=private.empty_step,
             )
     finally:
@@ -225,8 +237,10 @@ def _train_epochs(
     on_epoch: EpochCallback | None,
     penalty: Callable[[], Tensor] | None = None,
     empty_step: Callable[[], None] | None = None,
+    precision: torch.dtype | None = None,
 ) -> TrainOutcome:
-    """The epoch loop shared by plain and DP training (``forward``: the model or its per-sample wrapper)."""
+    """The epoch loop shared by plain and DP training (``forward``: the model or its per-sample wrapper). DP
+    trains in fp32: Opacus's per-sample gradients and noise are not set up for autocast."""
     start = time.perf_counter()
     terms, uf1 = dict.fromkeys(LOSS_TERMS, 0.0), 0.0
     for epoch in range(options.epochs):
@@ -243,6 +257,7 @@ def _train_epochs(
             penalty=penalty,
             predictions=predictions,
             empty_step=empty_step,
+            precision=precision,
         )
         terms = {name: means.get(name, 0.0) for name in LOSS_TERMS}  # every site reports every key
         uf1 = scores(predictions, num_classes)["uf1"]

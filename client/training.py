@@ -16,6 +16,7 @@ import torch
 from sklearn.metrics import f1_score, recall_score
 from torch import Tensor
 
+from client.precision import autocast
 from models.losses import MultitaskLoss, endpoint_error, landmark_error
 from models.network import F5CNet, ModelOutput
 
@@ -45,6 +46,7 @@ def train_epoch(
     penalty: Callable[[], Tensor] | None = None,
     predictions: Predictions | None = None,
     empty_step: Callable[[], None] | None = None,
+    precision: torch.dtype | None = None,
 ) -> dict[str, float]:
     """One pass over the batches; returns the mean of each loss term (and ``loss``, the weighted total) over the
     non-empty batches. ``model`` may be a per-sample gradient wrapper and ``loss_fn`` its DP loss; an empty
@@ -52,6 +54,8 @@ def train_epoch(
 
     ``penalty`` (e.g. FedProx's proximal term) joins the objective but not the reported loss, so losses stay
     comparable across settings; ``predictions``, when given, collects the training predictions (train UF1).
+    ``precision`` is the forward pass's autocast dtype (:func:`client.precision.autocast_dtype`; None: fp32); the
+    losses are computed in fp32 either way.
     """
     model.train()
     sums: dict[str, float] = {}
@@ -65,8 +69,9 @@ def train_epoch(
             continue
         batch = to_device(batch, torch.device(device))
         optimizer.zero_grad(set_to_none=True)
-        output = forward_batch(model, batch, prior_weight)
-        total, terms = loss_fn(output, batch)
+        with autocast(precision, device):
+            output = forward_batch(model, batch, prior_weight)
+        total, terms = loss_fn(output.float(), batch)
         (total + penalty() if penalty is not None else total).backward()
         optimizer.step()
         terms["loss"] = float(total.detach())
@@ -95,12 +100,15 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(model: F5CNet, batches: Iterable[Batch], device: torch.device | str = "cpu") -> Predictions:
+def predict(
+    model: F5CNet, batches: Iterable[Batch], device: torch.device | str = "cpu", precision: torch.dtype | None = None
+) -> Predictions:
     model.eval()
     out = Predictions()
     for batch in batches:
         batch = to_device(batch, torch.device(device))
-        output = forward_batch(model, batch, teacher_landmarks=False)
+        with autocast(precision, device):
+            output = forward_batch(model, batch, teacher_landmarks=False).float()
         out.labels += batch["label"].tolist()
         out.predicted += output.logits.argmax(dim=1).tolist()
         if output.au_logits is not None:

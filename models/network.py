@@ -12,7 +12,7 @@ per-sample gradient per input row, so folding frames into the batch would clip p
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +33,11 @@ class ModelOutput:
     flow: Tensor | None  # (B, T-1, 2, H, W), pixels
     landmarks: Tensor | None  # (B, T, 68, 2), normalised crop coordinates
     au_logits: Tensor | None  # (B, 12), AU_NODES order
+
+    def float(self) -> ModelOutput:
+        """Every prediction in fp32: losses and scores of an autocast (bf16) forward pass keep full precision."""
+        values = {field.name: getattr(self, field.name) for field in fields(self)}
+        return replace(self, **{name: value.float() for name, value in values.items() if value is not None})
 
 
 class F5CNet(nn.Module):
