@@ -9,6 +9,7 @@ Layout of ``RunDirectory(path)``::
     summary.json                       {"rounds", "sites": {site: {uf1, uar, accuracy, epe, nme}}, "pooled": {uf1, uar}}
                                        (+ "protocol", "folds" for a LOSO baseline)
     rounds.png                         per-site UF1 and loss per round (plot_rounds)
+    logs/                              Flower's and Ray's logs (server.run_logs), written by fedmer simulate
 
 Whole files are written atomically (temp file in the same folder + ``os.replace``), so a reader or a crash
 never sees half a JSON document; ``metrics.jsonl`` is appended one flushed line at a time, and
@@ -48,6 +49,7 @@ SITE_DP_KEYS = ("noise_multiplier", "sample_rate", "steps", "delta", "epsilon")
 """A site's sample-level DP spending in ``summary.json`` (``sites[site]["dp"]``, present when the run used DP)."""
 POOLED_KEYS = ("uf1", "uar")
 RESERVED_KEYS = ("round", "phase", "site")
+LOGS = "logs"  # a run's log folder (server.run_logs): made before the records, so it does not count as a record
 ROUND_PHASE = "round"  # the phase of a round's own line (no site): its wall time, for the federation's overhead
 DECIMALS = 4
 
@@ -82,15 +84,16 @@ def checkpoint_name(server_round: int) -> str:
 class RunDirectory:
     """The folder of one run; refuses a non-empty folder unless ``overwrite=True``.
 
-    With ``overwrite=True`` the files this class writes (config, metrics, summary, plot, checkpoints) are
-    removed first, so no record of an earlier run mixes into the new one; anything else is left alone.
+    A folder that holds only ``logs/`` counts as empty: the run's logs are opened before its records. With
+    ``overwrite=True`` the files this class writes (config, metrics, summary, plot, checkpoints) are removed
+    first, so no record of an earlier run mixes into the new one; anything else is left alone.
     """
 
     def __init__(self, path: str | os.PathLike[str], *, overwrite: bool = False) -> None:
         self.path = Path(path)
         if self.path.exists() and not self.path.is_dir():
             raise FileExistsError(f"run directory {self.path} exists and is not a folder")
-        if self.path.is_dir() and any(self.path.iterdir()):
+        if self.path.is_dir() and any(entry.name != LOGS for entry in self.path.iterdir()):
             if not overwrite:
                 raise FileExistsError(
                     f"run directory {self.path} already holds files; choose a new folder or pass overwrite=True"

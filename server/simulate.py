@@ -13,6 +13,15 @@ one folder holds one size. The prepared clips of every size share ``--cache`` (e
 Ray runs with one worker of 2 CPUs (fastest on 2 cores; with CUDA each site's task also gets a share of the
 GPU), its session files in a private short-lived temp folder (``RAY_TMPDIR``, removed afterwards), without
 telemetry, update checks or runtime dependency installation.
+
+The console gets fedmer's own lines only; Flower's and Ray's output goes to ``<out>/logs/``
+(:mod:`server.run_logs`), and with ``--verbose`` to the console as well.
+
+Flower 1.41 deprecates ``run_simulation`` in favour of ``flwr run . local`` (a background SuperLink, its
+SuperExec and a ``flwr-simulation`` process). fedmer stays on ``run_simulation``: on the tiny job the move cost
+37 s more per run (median 111 s against 74 s, ``benchmarks/simulation_entry.py``), and ``flwr run
+--run-config`` refuses the keys ``[tool.flwr.app.config]`` does not declare. Its deprecation warning goes to
+``logs/flower.log``.
 """
 
 from __future__ import annotations
@@ -159,6 +168,7 @@ def prepare_data(config: Mapping[str, Any], scale: Scale) -> None:
             f"{name}: {report.total} clips ({report.prepared} prepared, {report.reused} cached, "
             f"{len(report.skipped)} skipped) at {path}",
             highlight=False,
+            soft_wrap=True,
         )
 
 
@@ -184,32 +194,39 @@ def simulation_environment() -> Iterator[Path]:
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
-def backend_config(sites: int) -> dict[str, Any]:
-    """One Ray worker of 2 CPUs; with CUDA every site's task gets an equal share of one GPU."""
+def backend_config(sites: int, verbose: bool = False) -> dict[str, Any]:
+    """One Ray worker of 2 CPUs; with CUDA every site's task gets an equal share of one GPU; the workers' output
+    on the console only when ``verbose`` (:func:`server.run_logs.ray_init_args`)."""
     import torch
 
+    from server.run_logs import ray_init_args
+
     gpus = round(1.0 / max(sites, 1), 2) if torch.cuda.is_available() else 0.0
-    return {"client_resources": {"num_cpus": WORKERS, "num_gpus": gpus}}
+    return {"client_resources": {"num_cpus": WORKERS, "num_gpus": gpus}, "init_args": ray_init_args(verbose)}
 
 
-def run_simulation(config: Mapping[str, Any], console_out: Console | None = None) -> None:
+def run_simulation(config: Mapping[str, Any], console_out: Console | None = None, *, verbose: bool = False) -> None:
     """The federation on Flower's simulation engine with the real apps, one node per site of ``config``.
 
     Call it inside :func:`simulation_environment`; ``config`` is a resolved config (:func:`simulation_config`)
-    whose sites are prepared (:func:`prepare_data`).
+    whose sites are prepared (:func:`prepare_data`). Flower's and Ray's output goes to ``<out>/logs/``, and to
+    the console as well only when ``verbose`` (:func:`server.run_logs.captured_logs`).
     """
     from flwr.simulation import run_simulation as flower_run_simulation
 
     from client.client_app import make_client_app
+    from server.run_logs import captured_logs
     from server.server_app import make_server_app
 
     sites = len([name for name in str(config["sites"]).split(",") if name.strip()])
-    flower_run_simulation(
-        server_app=make_server_app(config, console=console_out),
-        client_app=make_client_app(config),
-        num_supernodes=sites,
-        backend_config=backend_config(sites),
-    )
+    ray_tmp = os.environ.get("RAY_TMPDIR")
+    with captured_logs(Path(config["out"]), verbose=verbose, ray_tmp=Path(ray_tmp) if ray_tmp else None):
+        flower_run_simulation(
+            server_app=make_server_app(config, console=console_out),
+            client_app=make_client_app(config),
+            num_supernodes=sites,
+            backend_config=backend_config(sites, verbose),
+        )
 
 
 # ----------------------------------------------------------------------------------------------- command
@@ -248,6 +265,9 @@ def simulate(
             help="User-level DP at the server: server-fixed, client-fixed, server-adaptive or client-adaptive",
         ),
     ] = None,
+    verbose: Annotated[
+        bool, typer.Option("--verbose", help="Show Flower's and Ray's logs too (always in <run>/logs/)")
+    ] = False,
 ) -> None:
     """Run a federation of synthetic sites on this machine with Flower's simulation engine (Ray)."""
     options = {
@@ -260,6 +280,7 @@ def simulate(
         "dp-noise-multiplier": noise_multiplier,
         "central-dp": central_dp,
     }
+    resolved: dict[str, Any] = {}
     try:
         with simulation_environment():
             from server.server_app import resolve_settings
@@ -268,12 +289,25 @@ def simulate(
             resolve_settings(resolved)  # a bad strategy, site or number stops here, before any data or Ray
             check_out(Path(resolved["out"]))
             prepare_data(resolved, scale)
-            run_simulation(resolved, Console())
+            run_simulation(resolved, Console(), verbose=verbose)
     except DataError as error:
         raise fail(error) from None
     except RuntimeError as error:
-        console.print(f"[bold red]error:[/] {error}", highlight=False)
+        from server.records import LOGS
+
+        console.print(f"[bold red]error:[/] {causes(error)}", highlight=False, soft_wrap=True)
+        if resolved:
+            console.print(f"Flower's and Ray's logs: {Path(resolved['out']) / LOGS}", highlight=False, soft_wrap=True)
         raise typer.Exit(code=1) from None
+
+
+def causes(error: BaseException) -> str:
+    """An error and the errors that caused it, outermost first: Flower wraps a failed run in a RuntimeError whose
+    own message names no cause."""
+    chain = [str(error)]
+    while (error := error.__cause__) is not None:
+        chain.append(f"{type(error).__name__}: {error}")
+    return "; caused by ".join(chain)
 
 
 def register(app: typer.Typer) -> None:

@@ -4,15 +4,21 @@
 sites, 3 subjects x 2 clips each) written and prepared once per session: synthesising and preparing it takes
 about 30 s, and the simulation, baseline and ClientApp tests all read the same sites. Every test reads it; a test
 that changes a site or the cache copies them first (``shutil.copytree``) and changes the copy.
+
+``consoles``: where log records would reach the console (Flower's handler, a plain root handler), as buffers.
 """
 
 from __future__ import annotations
 
+import io
+import logging
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import pytest
+from flwr.common.logger import console_handler
 from flwr.supercore.task_identity import TaskIdentity
 
 from server.simulate import Scale, prepare_data, simulation_config
@@ -52,3 +58,18 @@ def task_identity(monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setattr(TaskIdentity, "_run_id", 1)
     monkeypatch.setattr(TaskIdentity, "_node_id", 0)
     monkeypatch.setattr(TaskIdentity, "_task_id", 1)
+
+
+@pytest.fixture
+def consoles(monkeypatch: pytest.MonkeyPatch) -> Iterator[dict[str, io.StringIO]]:
+    """Where log records would reach the console, written to buffers: Flower's own console handler, and a plain
+    root handler like the one Opacus's ``logging.basicConfig`` adds (which printed each Flower line a second time).
+    Handlers keep the stream they were made with, so capturing sys.stdout / sys.stderr would not see them."""
+    flower, root = io.StringIO(), io.StringIO()
+    monkeypatch.setattr(console_handler, "stream", flower)
+    plain = logging.StreamHandler(root)
+    logging.getLogger().addHandler(plain)
+    try:
+        yield {"flower": flower, "root": root}
+    finally:
+        logging.getLogger().removeHandler(plain)
