@@ -439,16 +439,24 @@ def write_loso_results(
     run: RunDirectory, settings: ServerSettings, results: Sequence[tuple[int, Evaluation]], console_out: Console
 ) -> None:
     """``summary.json`` over the pooled predictions of all folds (per site: its subjects' folds), the table."""
-    from server.records import site_table, summary_document
-    from server.server_app import pooled_scores
+    from server.records import COLLAPSED, collapsed, site_table, summary_document
+    from server.server_app import pooled_scores, print_collapse_warnings
 
+    confusions = {
+        index: [result.confusion for site, result in results if site == index] for index in range(len(settings.sites))
+    }
     sites = {
-        settings.site_name(index): pooled_site_scores([result for site, result in results if site == index])
+        settings.site_name(index): {
+            **pooled_site_scores([result for site, result in results if site == index]),
+            COLLAPSED: collapsed(confusions[index]),
+        }
         for index in range(len(settings.sites))
     }
-    pooled = pooled_scores([result.confusion for _, result in results])
+    everything = [result.confusion for _, result in results]
+    pooled = {**pooled_scores(everything), COLLAPSED: collapsed(everything)}
     run.write_summary(settings.rounds, sites, pooled, extra={"protocol": Protocol.loso.value, "folds": len(results)})
     console_out.print(site_table(summary_document(settings.rounds, sites, pooled)))
+    print_collapse_warnings(settings, confusions, console_out)
     console_out.print(f"scores pooled over the predictions of {len(results)} LOSO folds", highlight=False)
     console_out.print(f"run directory: {run.path}", highlight=False)
 

@@ -4,10 +4,11 @@ Layout of ``RunDirectory(path)``::
 
     config.json                        the resolved run config
     metrics.jsonl                      one line per (round, phase, site): {"round", "phase", "site", ...metrics},
+                                       a line holding a "confusion" matrix also its "collapsed" flag (collapsed),
                                        and per round {"round", "phase": "round", "seconds"}: its server-side wall time
     checkpoints/round-0003.safetensors global arrays after round 3 (metadata: {"round": "3"})
-    summary.json                       {"rounds", "sites": {site: {uf1, uar, accuracy, epe, nme}}, "pooled": {uf1, uar}}
-                                       (+ "protocol", "folds" for a LOSO baseline)
+    summary.json                       {"rounds", "sites": {site: {uf1, uar, accuracy, epe, nme[, collapsed]}},
+                                       "pooled": {uf1, uar[, collapsed]}} (+ "protocol", "folds" for a LOSO baseline)
     rounds.png                         per-site UF1 and loss per round (plot_rounds)
     logs/                              Flower's and Ray's logs (server.run_logs), written by fedmer simulate
 
@@ -23,9 +24,9 @@ import io
 import json
 import math
 import os
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -38,6 +39,9 @@ from torch import Tensor
 
 from partitions.cache import atomic_write
 
+if TYPE_CHECKING:
+    from matplotlib.figure import Figure
+
 CONFIG_FILE = "config.json"
 METRICS_FILE = "metrics.jsonl"
 SUMMARY_FILE = "summary.json"
@@ -48,8 +52,11 @@ SITE_KEYS = ("uf1", "uar", "accuracy", "epe", "nme")
 SITE_DP_KEYS = ("noise_multiplier", "sample_rate", "steps", "delta", "epsilon")
 """A site's sample-level DP spending in ``summary.json`` (``sites[site]["dp"]``, present when the run used DP)."""
 POOLED_KEYS = ("uf1", "uar")
-RESERVED_KEYS = ("round", "phase", "site")
+COLLAPSED = "collapsed"
+"""A site's (and the pooled) flag: its predictions collapsed onto one class (:func:`collapsed`); in evaluate lines
+with a confusion matrix, and optional in ``summary.json``'s site and pooled entries."""
 LOGS = "logs"  # a run's log folder (server.run_logs): made before the records, so it does not count as a record
+RESERVED_KEYS = ("round", "phase", "site")
 ROUND_PHASE = "round"  # the phase of a round's own line (no site): its wall time, for the federation's overhead
 DECIMALS = 4
 
@@ -75,6 +82,50 @@ def _plain(value: Any) -> Any:
 
 def _json_bytes(document: Any) -> bytes:
     return (json.dumps(_plain(document), indent=2, allow_nan=False) + "\n").encode("utf-8")
+
+
+def summed_confusion(confusions: Iterable[Sequence[int | float]]) -> np.ndarray | None:
+    """The sum of flattened CxC confusion matrices (rows = true class, row-major) as a CxC array; None without a
+    matrix or without a single clip in them. ValueError for matrices that are not square or not of one size."""
+    matrices = [np.asarray(matrix, dtype=np.float64).ravel() for matrix in confusions]
+    if not matrices:
+        return None
+    sizes = sorted({matrix.size for matrix in matrices})
+    classes = math.isqrt(sizes[0])
+    if len(sizes) != 1 or classes == 0 or classes * classes != sizes[0]:
+        raise ValueError(f"confusion matrices must be CxC and of one size, got lengths {sizes}")
+    total = np.sum(matrices, axis=0).reshape(classes, classes)
+    return total if total.sum() > 0 else None
+
+
+def collapsed_class(confusions: Iterable[Sequence[int | float]]) -> int | None:
+    """The one class every prediction falls in, when the clips (of these confusion matrices, summed) come from at
+    least two classes: the network answers with a constant whatever it is shown. None when the predictions
+    spread over two or more classes, when every clip is of one class (predicting that class is no sign of
+    collapse) and when there is no clip."""
+    total = summed_confusion(confusions)
+    if total is None:
+        return None
+    predicted = np.flatnonzero(total.sum(axis=0))
+    true_classes = np.count_nonzero(total.sum(axis=1))
+    return int(predicted[0]) if predicted.size == 1 and true_classes >= 2 else None
+
+
+def collapsed(confusions: Iterable[Sequence[int | float]]) -> bool | None:
+    """:data:`COLLAPSED`'s value: whether :func:`collapsed_class` names a class; None without a clip to judge."""
+    confusions = list(confusions)
+    if summed_confusion(confusions) is None:
+        return None
+    return collapsed_class(confusions) is not None
+
+
+def _line_flag(confusion: Any) -> bool | None:
+    """A metrics line's :data:`COLLAPSED`: None for a matrix that cannot be judged (not CxC numbers), so a
+    malformed reply is recorded as it came instead of stopping the run."""
+    try:
+        return collapsed([confusion])
+    except (TypeError, ValueError):
+        return None
 
 
 def checkpoint_name(server_round: int) -> str:
@@ -129,13 +180,15 @@ class RunDirectory:
         return self.config_path
 
     def append_metrics(self, server_round: int, phase: str, site: str, metrics: Mapping[str, Any]) -> None:
-        """One line ``{"round", "phase", "site", ...metrics}`` appended to ``metrics.jsonl`` and flushed."""
-        clash = [key for key in RESERVED_KEYS if key in metrics]
+        """One line ``{"round", "phase", "site", ...metrics}`` appended to ``metrics.jsonl`` and flushed; metrics
+        holding a ``confusion`` matrix also get its :data:`COLLAPSED` flag, so every writer flags alike."""
+        clash = [key for key in (*RESERVED_KEYS, COLLAPSED) if key in metrics]
         if clash:
             raise ValueError(f"metrics may not use the reserved keys {clash}")
         if not phase or not site:
             raise ValueError(f"phase and site must be non-empty, got phase={phase!r}, site={site!r}")
-        self._append_line({"round": int(server_round), "phase": phase, "site": site, **metrics})
+        flag = {COLLAPSED: _line_flag(metrics["confusion"])} if "confusion" in metrics else {}
+        self._append_line({"round": int(server_round), "phase": phase, "site": site, **metrics, **flag})
 
     def append_round(self, server_round: int, seconds: float, extra: Mapping[str, Any] | None = None) -> None:
         """One line ``{"round", "phase": "round", "seconds", **extra}``: the round's wall time as the server saw it
@@ -201,9 +254,20 @@ def _pick(values: Mapping[str, Any], keys: tuple[str, ...], where: str, *, exact
     return {key: _plain(values[key]) if exact else _score(values[key], f"{where} {key}") for key in keys}
 
 
+def _flag(values: Mapping[str, Any], where: str) -> dict[str, bool | None]:
+    """``{COLLAPSED: value}`` when ``values`` holds the flag (a bool, or None: not judged), else nothing."""
+    if COLLAPSED not in values:
+        return {}
+    value = values[COLLAPSED]
+    if value is not None and not isinstance(value, bool):
+        raise ValueError(f"{where} {COLLAPSED} must be true, false or None, got {value!r}")
+    return {COLLAPSED: value}
+
+
 def _site_entry(values: Mapping[str, Any], where: str) -> dict[str, Any]:
-    """A site's scores, and its ``dp`` spending when given (None: the site trained without DP)."""
-    entry: dict[str, Any] = _pick(values, SITE_KEYS, where)
+    """A site's scores, its collapse flag when given, and its ``dp`` spending when given (None: the site trained
+    without DP)."""
+    entry: dict[str, Any] = {**_pick(values, SITE_KEYS, where), **_flag(values, where)}
     if "dp" in values:
         dp = values["dp"]
         entry["dp"] = None if dp is None else _pick(dp, SITE_DP_KEYS, f"{where} dp", exact=True)
@@ -211,8 +275,8 @@ def _site_entry(values: Mapping[str, Any], where: str) -> dict[str, Any]:
 
 
 def summary_document(rounds: int, sites: Mapping[str, Mapping[str, Any]], pooled: Mapping[str, Any]) -> dict[str, Any]:
-    """Validated summary: ``{"rounds": R, "sites": {site: {SITE_KEYS[, "dp": {SITE_DP_KEYS}]}}, "pooled":
-    {POOLED_KEYS}}``."""
+    """Validated summary: ``{"rounds": R, "sites": {site: {SITE_KEYS[, COLLAPSED][, "dp": {SITE_DP_KEYS}]}},
+    "pooled": {POOLED_KEYS[, COLLAPSED]}}``."""
     if isinstance(rounds, bool) or not isinstance(rounds, int) or rounds < 0:
         raise ValueError(f"rounds must be a non-negative int, got {rounds!r}")
     if not sites:
@@ -220,7 +284,7 @@ def summary_document(rounds: int, sites: Mapping[str, Mapping[str, Any]], pooled
     return {
         "rounds": rounds,
         "sites": {str(site): _site_entry(values, f"site {site!r}") for site, values in sites.items()},
-        "pooled": _pick(pooled, POOLED_KEYS, "pooled"),
+        "pooled": {**_pick(pooled, POOLED_KEYS, "pooled"), **_flag(pooled, "pooled")},
     }
 
 
@@ -279,14 +343,26 @@ def site_table(summary: Mapping[str, Any]) -> Table:
     return table
 
 
-def plot_rounds(metrics_jsonl_path: str | os.PathLike[str], out_png: str | os.PathLike[str], *, dpi: int = 100) -> Path:
-    """PNG with per-site UF1 (evaluate phase) and loss (train phase) against the round (atomic write)."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg only: never touches pyplot's backend
-    from matplotlib.figure import Figure
+def chance_level(records: Iterable[Mapping[str, Any]]) -> float | None:
+    """1 / classes, the UF1 and UAR of guessing uniformly on balanced classes; the class count is read off the
+    evaluate lines' confusion matrices. None without one."""
+    for record in records:
+        confusion = record.get("confusion")
+        if isinstance(confusion, list) and confusion:
+            classes = math.isqrt(len(confusion))
+            if classes * classes == len(confusion) and classes > 1:
+                return 1.0 / classes
+    return None
 
-    records = load_metrics(metrics_jsonl_path)
+
+def rounds_figure(records: Sequence[Mapping[str, Any]]) -> Figure:
+    """Per-site UF1 (evaluate phase) and loss (train phase) against the round: whole rounds on the x axis, the
+    UF1 axis fixed to [0, 1] (runs compare at a glance; a zoomed axis made noise look like learning) with the
+    chance level (:func:`chance_level`) drawn across it."""
+    from matplotlib.figure import Figure
+    from matplotlib.ticker import MaxNLocator
+
     figure = Figure(figsize=(10, 4), layout="constrained")
-    FigureCanvasAgg(figure)
     panels = (
         (figure.add_subplot(1, 2, 1), "evaluate", "uf1", "UF1"),
         (figure.add_subplot(1, 2, 2), "train", "loss", "loss"),
@@ -298,13 +374,29 @@ def plot_rounds(metrics_jsonl_path: str | os.PathLike[str], out_png: str | os.Pa
                 series.setdefault(str(record["site"]), []).append((int(record["round"]), float(record[key])))
         for site, points in series.items():
             points.sort()
-            axes.plot([r for r, _ in points], [v for _, v in points], marker="o", label=site)
+            axes.plot([r for r, _ in points], [v for _, v in points], marker="o", label=site, clip_on=False)
+        axes.xaxis.set_major_locator(MaxNLocator(integer=True))
         axes.set_xlabel("round")
         axes.set_ylabel(label)
         axes.set_title(f"{label} per round ({phase})")
         axes.grid(alpha=0.3)
-        if series:
+    scores = panels[0][0]
+    scores.set_ylim(0.0, 1.0)
+    chance = chance_level(records)
+    if chance is not None:
+        scores.axhline(chance, color="grey", linestyle="--", linewidth=1, label=f"chance (1/{round(1 / chance)})")
+    for axes, *_ in panels:
+        if axes.get_legend_handles_labels()[0]:
             axes.legend(fontsize="small")
+    return figure
+
+
+def plot_rounds(metrics_jsonl_path: str | os.PathLike[str], out_png: str | os.PathLike[str], *, dpi: int = 100) -> Path:
+    """``rounds.png`` (:func:`rounds_figure`) of a ``metrics.jsonl`` (atomic write)."""
+    from matplotlib.backends.backend_agg import FigureCanvasAgg  # Agg only: never touches pyplot's backend
+
+    figure = rounds_figure(load_metrics(metrics_jsonl_path))
+    FigureCanvasAgg(figure)
     buffer = io.BytesIO()
     figure.savefig(buffer, format="png", dpi=dpi)
     out = Path(out_png)

@@ -18,7 +18,9 @@ One run, in order:
    line on the console, and the global arrays in ``checkpoints/round-NNNN.safetensors``; per round one
    ``{"round", "phase": "round", "seconds"}`` line with its wall time (checkpoint included);
 7. ``summary.json`` from the last round's evaluation (per site, and pooled UF1 / UAR from the sum of the sites'
-   confusion matrices, as in MEGC2019's composite evaluation), the table on the console and ``rounds.png``.
+   confusion matrices, as in MEGC2019's composite evaluation), the table on the console, a warning per site
+   whose predictions collapsed onto one class (and for the pooled predictions when every site's did, onto the
+   same class; :func:`server.records.collapsed_class`) and ``rounds.png``.
 """
 
 from __future__ import annotations
@@ -61,8 +63,18 @@ from client.training import Predictions, scores
 from models import build_model
 from partitions.adapters import ADAPTERS, canonical_database
 from partitions.errors import DataError
+from partitions.labels import label_space
 from server.central_dp import CENTRAL_DP_KEYS, central_privacy
-from server.records import SITE_KEYS, RunDirectory, plot_rounds, site_table, summary_document
+from server.records import (
+    COLLAPSED,
+    SITE_KEYS,
+    RunDirectory,
+    collapsed,
+    collapsed_class,
+    plot_rounds,
+    site_table,
+    summary_document,
+)
 from server.strategies import (
     DEFAULT_STRATEGY,
     EVALUATE,
@@ -145,6 +157,13 @@ class ServerSettings:
 
     def site_name(self, index: int) -> str:
         return self.site_names[index] if 0 <= index < len(self.sites) else f"site-{index}"
+
+    def class_name(self, class_index: int, site_index: int | None = None) -> str:
+        """A class by its name in the run's label space (a site's own names under ``native`` labels; with no
+        site, the name every site shares, else ``class N``)."""
+        indices = range(len(self.sites)) if site_index is None else [site_index]
+        names = {label_space(str(self.config["labels"]), self.sites[i]).classes[class_index] for i in indices}
+        return names.pop() if len(names) == 1 else f"class {class_index}"
 
 
 def _number(config: Mapping[str, Any], key: str, kind: type) -> Any:
@@ -235,7 +254,9 @@ def wait_for_nodes(grid: Grid, count: int, timeout: float, console: Console) -> 
                 "SuperNode per site of the run config's sites list (or raise round-timeout)"
             )
         if not announced:
-            console.print(f"waiting for {count} sites to connect ({len(nodes)} so far)", highlight=False)
+            console.print(
+                f"waiting for {count} sites to connect ({len(nodes)} so far)", highlight=False, soft_wrap=True
+            )
             announced = True
         time.sleep(1.0)
     return nodes
@@ -311,7 +332,7 @@ class Progress:
     """``strategy.on_site_metrics``: each site's metrics to ``metrics.jsonl``, one console line per round and site.
 
     The console line is printed when the site's evaluation arrives: round, site, that round's training loss,
-    test UF1 and local training seconds.
+    test UF1 and local training seconds, and the class it predicts when its predictions collapsed onto one.
     """
 
     def __init__(self, run: RunDirectory, settings: ServerSettings, console: Console) -> None:
@@ -330,10 +351,17 @@ class Progress:
         loss, seconds = train.get("loss", float("nan")), train.get("train-seconds", float("nan"))
         epsilon = train.get(DP_EPSILON, math.inf)
         spent = f"  ε {epsilon:.2f}" if math.isfinite(epsilon) else ""
+        only = collapsed_class([metrics["confusion"]]) if "confusion" in metrics else None
+        flag = (
+            f"  [yellow]collapsed: predicts {self.settings.class_name(only, site_index)} only[/]"
+            if only is not None
+            else ""
+        )
         self.console.print(
             f"round {server_round}/{self.settings.rounds}  {site:<10} loss {loss:.4f}  "
-            f"UF1 {metrics.get('uf1', float('nan')):.4f}  {seconds:.1f}s{spent}",
+            f"UF1 {metrics.get('uf1', float('nan')):.4f}  {seconds:.1f}s{spent}{flag}",
             highlight=False,
+            soft_wrap=True,
         )
 
 
@@ -404,22 +432,52 @@ def round_privacy(strategy: Strategy) -> dict[str, Any]:
     return {"central-epsilon": privacy["epsilon"], "central-delta": privacy["delta"]}
 
 
+def collapse_warnings(settings: ServerSettings, confusions: Mapping[int, Sequence[Sequence[int | float]]]) -> list[str]:
+    """A console warning for each site whose predictions collapsed onto one class
+    (:func:`server.records.collapsed_class`), and one for the pooled predictions when every site's land in the
+    same class. ``confusions``: site index -> the site's confusion matrices (its last evaluation, or its folds)."""
+    warnings = []
+    for index in sorted(confusions):
+        only = collapsed_class(confusions[index])
+        if only is not None:
+            clips = int(sum(sum(matrix) for matrix in confusions[index]))
+            warnings.append(
+                f"{settings.site_name(index)} collapsed: all {clips} test clips predicted as "
+                f"{settings.class_name(only, index)}"
+            )
+    pooled = collapsed_class([matrix for index in sorted(confusions) for matrix in confusions[index]])
+    if pooled is not None:
+        warnings.append(f"pooled collapsed: every site predicts {settings.class_name(pooled)} only")
+    return warnings
+
+
+def print_collapse_warnings(
+    settings: ServerSettings, confusions: Mapping[int, Sequence[Sequence[int | float]]], console: Console
+) -> None:
+    for warning in collapse_warnings(settings, confusions):
+        console.print(f"[yellow]warning:[/] {warning}", highlight=False, soft_wrap=True)
+
+
 def write_results(run: RunDirectory, strategy: Strategy, settings: ServerSettings, console: Console) -> None:
     """``summary.json`` (None for a site without a last-round evaluation; each site's ``dp`` when the run used
-    sample-level DP), the table, ``rounds.png``."""
+    sample-level DP; each site's and the pooled :data:`server.records.COLLAPSED` flag), the table, a warning per
+    collapsed site, ``rounds.png``."""
     last = last_evaluation(strategy, settings.rounds)
     privacy = site_privacy(strategy, len(settings.sites))
     sites = {
         settings.site_name(index): {
             **{key: last[index].get(key) if index in last else None for key in SITE_KEYS},
+            COLLAPSED: collapsed([last[index]["confusion"]]) if index in last else None,
             **({"dp": privacy[index]} if privacy is not None else {}),
         }
         for index in range(len(settings.sites))
     }
-    pooled = pooled_scores([last[index]["confusion"] for index in sorted(last)])
+    confusions = [last[index]["confusion"] for index in sorted(last)]
+    pooled = {**pooled_scores(confusions), COLLAPSED: collapsed(confusions)}
     central = central_privacy(strategy)
     run.write_summary(settings.rounds, sites, pooled, extra={"central_dp": central} if central is not None else None)
     console.print(site_table(summary_document(settings.rounds, sites, pooled)))
+    print_collapse_warnings(settings, {index: [last[index]["confusion"]] for index in last}, console)
     if run.metrics_path.exists():
         plot_rounds(run.metrics_path, run.plot_path)
     for failure in strategy.failures:
@@ -427,8 +485,9 @@ def write_results(run: RunDirectory, strategy: Strategy, settings: ServerSetting
             f"[yellow]failed:[/] round {failure['round']} {failure['phase']} node {failure['node_id']} "
             f"(site {failure['site_index']}): {brief(str(failure['reason']))}",
             highlight=False,
+            soft_wrap=True,
         )
-    console.print(f"run directory: {run.path}", highlight=False)
+    console.print(f"run directory: {run.path}", highlight=False, soft_wrap=True)
 
 
 # ----------------------------------------------------------------------------------------------- the app
@@ -444,6 +503,7 @@ def run_federation(grid: Grid, config: Mapping[str, Any], console: Console) -> N
         f"fedmer: {settings.strategy}, {settings.rounds} rounds, sites {', '.join(settings.site_names)}; "
         f"records in {run.path}",
         highlight=False,
+        soft_wrap=True,
     )
     initial = initial_arrays(settings)
     nodes = wait_for_nodes(grid, len(settings.sites), settings.round_timeout, console)
@@ -472,7 +532,7 @@ def run_federation(grid: Grid, config: Mapping[str, Any], console: Console) -> N
             evaluate_fn=checkpoint,
         )
     except PrivacyBudgetExhausted as exhausted:  # central-dp-max-epsilon: the records up to here still count
-        console.print(f"[yellow]stopped:[/] {exhausted}", highlight=False)
+        console.print(f"[yellow]stopped:[/] {exhausted}", highlight=False, soft_wrap=True)
     write_results(run, strategy, settings, console)
 
 

@@ -23,7 +23,15 @@ from models import build_model
 from partitions.labels import load_site
 from partitions.splits import subject_groups
 from server.cli import app
-from server.records import POOLED_KEYS, SITE_KEYS, load_checkpoint, load_metrics, load_summary
+from server.records import (
+    COLLAPSED,
+    POOLED_KEYS,
+    SITE_KEYS,
+    collapsed,
+    load_checkpoint,
+    load_metrics,
+    load_summary,
+)
 from server.server_app import pooled_scores
 
 SITES = ("casme2", "samm")  # the two smallest tiny sites: the runs stay short
@@ -144,19 +152,25 @@ def _check_records(run: Run, federation: Federation, mode: str) -> list[dict[str
     evaluations = [r for r in records if r["phase"] == "evaluate"]
     assert [(r["round"], r["site"]) for r in evaluations] == [(1, site) for site in SITES]
     for index, record in enumerate(evaluations):
-        assert set(record) == {"round", "phase", "site", NUM_EXAMPLES, *EVALUATE_METRIC_KEYS}
+        assert set(record) == {"round", "phase", "site", COLLAPSED, NUM_EXAMPLES, *EVALUATE_METRIC_KEYS}
         assert record[SITE_INDEX] == index
         confusion = np.array(record["confusion"]).reshape(3, 3)
         assert confusion.sum() == record[NUM_EXAMPLES] > 0
+        assert record[COLLAPSED] is collapsed([record["confusion"]])
 
     document = json.loads((out / "summary.json").read_text())
     assert document == load_summary(out / "summary.json")
     assert set(document) == {"rounds", "sites", "pooled"} and document["rounds"] == 1
     assert list(document["sites"]) == list(SITES)
     for record in evaluations:
-        assert document["sites"][record["site"]] == {key: round(record[key], 4) for key in SITE_KEYS}
-    pooled = pooled_scores([record["confusion"] for record in evaluations])
-    assert document["pooled"] == {key: round(pooled[key], 4) for key in POOLED_KEYS}
+        scores = {key: round(record[key], 4) for key in SITE_KEYS}
+        assert document["sites"][record["site"]] == {**scores, COLLAPSED: record[COLLAPSED]}
+    confusions = [record["confusion"] for record in evaluations]
+    pooled = pooled_scores(confusions)
+    assert document["pooled"] == {
+        **{key: round(pooled[key], 4) for key in POOLED_KEYS},
+        COLLAPSED: collapsed(confusions),
+    }
     assert (out / "rounds.png").stat().st_size > 0
 
     flat = " ".join(run.output.split())
@@ -316,13 +330,18 @@ def _check_loso_records(run: Run, federation: Federation, clips: dict[str, list]
     document = json.loads((out / "summary.json").read_text())
     assert {k: document[k] for k in ("rounds", "protocol", "folds")} == {"rounds": 1, "protocol": "loso", "folds": 4}
     assert {k: document[k] for k in ("rounds", "sites", "pooled")} == load_summary(out / "summary.json")
-    pooled = pooled_scores([r["confusion"] for r in evaluations])
-    assert document["pooled"] == {key: round(pooled[key], 4) for key in POOLED_KEYS}
+    confusions = [r["confusion"] for r in evaluations]
+    pooled = pooled_scores(confusions)
+    assert document["pooled"] == {
+        **{key: round(pooled[key], 4) for key in POOLED_KEYS},
+        COLLAPSED: collapsed(confusions),
+    }
     for site in SITES:
         lines = [r for r in evaluations if r["site"] == site]
         scores = pooled_scores([r["confusion"] for r in lines])
         means = {key: _clip_mean(lines, key) for key in ("accuracy", "epe", "nme")}
-        assert document["sites"][site] == {key: round({**scores, **means}[key], 4) for key in SITE_KEYS}
+        expected = {key: round({**scores, **means}[key], 4) for key in SITE_KEYS}
+        assert document["sites"][site] == {**expected, COLLAPSED: collapsed([r["confusion"] for r in lines])}
 
     for fold in folds:  # the last round's network of every fold
         assert load_checkpoint(out / "checkpoints" / fold / "round-0001.safetensors")[0] == 1

@@ -14,12 +14,18 @@ from rich.console import Console
 
 import partitions.cache
 from server.records import (
+    COLLAPSED,
+    LOGS,
     ROUND_PHASE,
     RunDirectory,
+    chance_level,
+    collapsed,
+    collapsed_class,
     load_checkpoint,
     load_metrics,
     load_summary,
     plot_rounds,
+    rounds_figure,
     site_table,
 )
 
@@ -61,7 +67,12 @@ def test_metrics_are_one_flushed_json_line_each(tmp_path: Path) -> None:
     assert len(lines) == 2
     assert json.loads(lines[0]) == {"round": 1, "phase": "train", "site": "casme2", "loss": 0.5, "site-index": 0}
     assert load_metrics(run.metrics_path)[1] == {
-        "round": 1, "phase": "evaluate", "site": "samm", "uf1": 0.25, "class-recall": [1.0, 0.0], "nme": None
+        "round": 1,
+        "phase": "evaluate",
+        "site": "samm",
+        "uf1": 0.25,
+        "class-recall": [1.0, 0.0],
+        "nme": None,
     }
     with pytest.raises(ValueError, match="reserved"):
         run.append_metrics(2, "train", "casme2", {"round": 3})
@@ -181,3 +192,95 @@ def test_plot_rounds_writes_a_png(tmp_path: Path) -> None:
     out = plot_rounds(run.metrics_path, run.plot_path)
     assert out == run.plot_path
     assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n" and out.stat().st_size > 1000
+
+
+# ----------------------------------------------------------------------------------------------- collapse
+
+
+def confusion(pairs: list[tuple[int, int]], classes: int = 3) -> list[int]:
+    """A flattened confusion matrix (rows = true class) of (true, predicted) clips."""
+    matrix = np.zeros((classes, classes), dtype=int)
+    for true, predicted in pairs:
+        matrix[true, predicted] += 1
+    return matrix.ravel().tolist()
+
+
+@pytest.mark.parametrize(
+    ("pairs", "only", "flag"),
+    [
+        ([(0, 2), (1, 2), (2, 2)], 2, True),  # three classes, one answer
+        ([(0, 1), (0, 1), (2, 1)], 1, True),  # two classes present are enough
+        ([(0, 2), (1, 2), (2, 0)], None, False),  # two columns used
+        ([(0, 0), (1, 1), (2, 2)], None, False),
+        ([(1, 1), (1, 1)], None, False),  # one class only: predicting it is no sign of collapse
+        ([(1, 0), (1, 0)], None, False),  # nor is predicting another one: nothing to tell classes apart by
+        ([], None, None),  # no clip: nothing to judge
+    ],
+)
+def test_a_site_collapses_when_every_prediction_falls_in_one_class_of_several(
+    pairs: list[tuple[int, int]], only: int | None, flag: bool | None
+) -> None:
+    assert collapsed_class([confusion(pairs)]) == only
+    assert collapsed([confusion(pairs)]) is flag
+
+
+def test_the_pooled_predictions_collapse_only_when_every_site_answers_with_the_same_class() -> None:
+    casme2, samm = confusion([(0, 2), (1, 2)]), confusion([(2, 2), (0, 2)])
+    assert collapsed_class([casme2, samm]) == 2 and collapsed([casme2, samm]) is True
+    other = confusion([(0, 1), (2, 1)])  # collapsed too, onto another class
+    assert collapsed([other]) is True and collapsed([casme2, other]) is False
+    assert collapsed([]) is None
+    with pytest.raises(ValueError, match="CxC"):
+        collapsed([[1, 0, 0]])
+
+
+def test_evaluate_lines_and_the_summary_carry_the_collapse_flag(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path / "run")
+    run.append_metrics(1, "evaluate", "casme2", {"uf1": 0.1, "confusion": confusion([(0, 2), (1, 2)])})
+    run.append_metrics(1, "evaluate", "samm", {"uf1": 0.9, "confusion": confusion([(0, 0), (1, 1)])})
+    run.append_metrics(1, "evaluate", "smic", {"uf1": 0.0, "confusion": [1, 2]})  # malformed: recorded, not judged
+    run.append_metrics(1, "train", "casme2", {"loss": 1.0})  # no confusion matrix, no flag
+    lines = load_metrics(run.metrics_path)
+    assert [line.get(COLLAPSED, "absent") for line in lines] == [True, False, None, "absent"]
+    with pytest.raises(ValueError, match="reserved"):
+        run.append_metrics(2, "evaluate", "casme2", {COLLAPSED: False})  # derived from the matrix, never given
+
+    sites = {"casme2": {**SITES["casme2"], COLLAPSED: True}, "samm": {**SITES["samm"], COLLAPSED: None}}
+    document = json.loads(run.write_summary(5, sites, {**POOLED, COLLAPSED: False}).read_text())
+    assert document["sites"]["casme2"][COLLAPSED] is True and document["sites"]["samm"][COLLAPSED] is None
+    assert document["pooled"] == {"uf1": 0.5556, "uar": 0.5111, COLLAPSED: False}
+    assert load_summary(run.summary_path) == document
+    with pytest.raises(ValueError, match="collapsed must be"):
+        run.write_summary(5, {"casme2": {**SITES["casme2"], COLLAPSED: "yes"}}, POOLED)
+
+
+def test_a_folder_holding_only_the_runs_logs_counts_as_empty(tmp_path: Path) -> None:
+    (tmp_path / "run" / LOGS).mkdir(parents=True)
+    (tmp_path / "run" / LOGS / "flower.log").write_text("opened before the records\n")
+    run = RunDirectory(tmp_path / "run")
+    run.write_config({"a": 1})
+    assert (run.path / LOGS / "flower.log").exists()
+    with pytest.raises(FileExistsError, match="already holds files"):
+        RunDirectory(tmp_path / "run")
+
+
+# ----------------------------------------------------------------------------------------------- rounds.png
+
+
+def test_the_rounds_figure_has_whole_rounds_a_fixed_score_axis_and_the_chance_level(tmp_path: Path) -> None:
+    run = RunDirectory(tmp_path / "run")
+    for server_round in (1, 2, 3):
+        for site in ("casme2", "samm"):
+            run.append_metrics(server_round, "train", site, {"loss": 2.0 / server_round})
+            scores = {"uf1": 0.1 * server_round, "confusion": confusion([(0, 0), (1, 2)])}
+            run.append_metrics(server_round, "evaluate", site, scores)
+    figure = rounds_figure(load_metrics(run.metrics_path))
+    uf1, loss = figure.axes
+    for axes in (uf1, loss):
+        shown = [tick for tick in axes.get_xticks() if axes.get_xlim()[0] <= tick <= axes.get_xlim()[1]]
+        assert shown and all(float(tick).is_integer() for tick in shown)
+    assert uf1.get_ylim() == (0.0, 1.0)
+    chance = [line for line in uf1.get_lines() if line.get_label().startswith("chance")]
+    assert len(chance) == 1 and list(chance[0].get_ydata()) == pytest.approx([1 / 3, 1 / 3])
+    assert chance_level(load_metrics(run.metrics_path)) == pytest.approx(1 / 3)
+    assert chance_level([{"phase": "train", "loss": 1.0}]) is None

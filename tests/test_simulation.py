@@ -6,6 +6,10 @@ from __future__ import annotations
 import io
 import json
 import os
+import shutil
+import subprocess
+import sys
+import tempfile
 import tomllib
 from pathlib import Path
 
@@ -17,29 +21,40 @@ from conftest import TinySites
 from flwr.app import Error, Message, MessageType, MetricRecord, RecordDict
 from flwr.supercore import telemetry
 from flwr.supercore.task_identity import TaskIdentity
-from process_tree import descendants, leftovers, processes
+from process_tree import descendants, leftovers, processes, stop
 from rich.console import Console
 from sklearn.metrics import f1_score, recall_score
+from test_records import confusion
 from typer.testing import CliRunner
 
 from client.protocol import AU_COUNTS, COUNTS, SAMPLES, SITE_INDEX
 from client.site import RunSettings, num_classes
 from models import build_model
 from server.cli import app
-from server.records import POOLED_KEYS, ROUND_PHASE, SITE_KEYS, load_checkpoint, load_metrics, load_summary
-from server.server_app import DEFAULTS, pooled_scores, query_sites, resolve_settings
+from server.records import (
+    COLLAPSED,
+    POOLED_KEYS,
+    ROUND_PHASE,
+    SITE_KEYS,
+    collapsed,
+    load_checkpoint,
+    load_metrics,
+    load_summary,
+)
+from server.server_app import DEFAULTS, collapse_warnings, pooled_scores, query_sites, resolve_settings
 from server.simulate import run_simulation, simulation_environment
 from server.strategies import build_strategy, cooccurrence_prior
 
 ROOT = Path(__file__).resolve().parent.parent
 SITES = ("casme2", "samm", "smic")
+COMMAND_TIMEOUT = 900.0  # seconds for a one-round tiny `fedmer simulate`; it takes about a minute
 
 
 # ----------------------------------------------------------------------------------------------- end to end
 
 
 def test_two_rounds_on_three_tiny_sites_through_the_simulation_engine_write_every_record(
-    tiny_sites: TinySites, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+    tiny_sites: TinySites, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, consoles: dict[str, io.StringIO]
 ) -> None:
     monkeypatch.setattr(telemetry, "FLWR_TELEMETRY_ENABLED", "0")  # read at flwr's import, maybe by another test
     out = tmp_path / "run"
@@ -73,6 +88,7 @@ def test_two_rounds_on_three_tiny_sites_through_the_simulation_engine_write_ever
     for record in evaluations:
         confusion = np.array(record["confusion"]).reshape(3, 3)
         assert confusion.sum() == record["num-examples"] > 0
+        assert record[COLLAPSED] is collapsed([record["confusion"]])
     for record in records:
         assert record["site-index"] == SITES.index(record["site"])
 
@@ -93,19 +109,35 @@ def test_two_rounds_on_three_tiny_sites_through_the_simulation_engine_write_ever
     assert list(document["sites"]) == list(SITES)
     last = {r["site"]: r for r in evaluations if r["round"] == 2}
     for site, values in document["sites"].items():
-        assert set(values) == set(SITE_KEYS)
-        assert values == {key: round(last[site][key], 4) for key in SITE_KEYS}
-    assert set(document["pooled"]) == set(POOLED_KEYS)
-    pooled = pooled_scores([last[site]["confusion"] for site in SITES])
-    assert document["pooled"] == {key: round(pooled[key], 4) for key in POOLED_KEYS}
+        assert set(values) == {*SITE_KEYS, COLLAPSED}
+        assert values == {**{key: round(last[site][key], 4) for key in SITE_KEYS}, COLLAPSED: last[site][COLLAPSED]}
+    assert set(document["pooled"]) == {*POOLED_KEYS, COLLAPSED}
+    confusions = [last[site]["confusion"] for site in SITES]
+    pooled = pooled_scores(confusions)
+    assert document["pooled"] == {
+        **{key: round(pooled[key], 4) for key in POOLED_KEYS},
+        COLLAPSED: collapsed(confusions),
+    }
     assert (out / "rounds.png").stat().st_size > 0
 
-    # the console: one progress line per round and site, the table, the run directory
+    # the console: one progress line per round and site (flagged when the site collapsed), the table, a warning
+    # per collapsed site, the run directory; none of Flower's lines
     text = printed.getvalue()
-    for server_round in (1, 2):
-        for site in SITES:
-            assert sum(line.startswith(f"round {server_round}/2  {site} ") for line in text.splitlines()) == 1
-    assert "pooled" in text and f"run directory: {out}" in " ".join(text.split())
+    flat = lines_text(text)
+    lines = [lines_text(line) for line in text.splitlines()]
+    for record in evaluations:
+        progress = [line for line in lines if line.startswith(f"round {record['round']}/2 {record['site']} ")]
+        assert len(progress) == 1 and ("collapsed: predicts" in progress[0]) is record[COLLAPSED], progress
+    for site in SITES:
+        warning = f"warning: {site} collapsed: all {last[site]['num-examples']} test clips predicted as"
+        assert (warning in flat) is document["sites"][site][COLLAPSED]
+    assert ("warning: pooled collapsed: every site predicts" in flat) is document["pooled"][COLLAPSED]
+    assert "pooled" in text and f"run directory: {out}" in flat
+    assert_only_fedmer_lines(text)
+    assert consoles["flower"].getvalue() == "" and consoles["root"].getvalue() == ""
+
+    # Flower's and Ray's logs in the run directory
+    assert_logs_captured(out, rounds=2)
 
 
 def test_dp_at_every_site_and_at_the_server_through_the_simulation_engine(
@@ -138,6 +170,75 @@ def test_dp_at_every_site_and_at_the_server_through_the_simulation_engine(
     assert "ε (δ)" in printed.getvalue()
 
 
+FLOWER_MARKERS = ("INFO", "DEBUG", "WARNING", "DEPRECATED", "Aggregated MetricRecord", "ClientAppActor", "[ROUND")
+"""What Flower's and Ray's console output holds and fedmer's own lines never do."""
+
+
+def lines_text(text: str) -> str:
+    """Console text with its whitespace normalised: the tests never depend on the console's width."""
+    return " ".join(text.split())
+
+
+def assert_only_fedmer_lines(text: str) -> None:
+    leaked = [marker for marker in FLOWER_MARKERS if marker in text]
+    assert not leaked, f"Flower's or Ray's output on the console ({leaked}):\n{text}"
+
+
+def assert_logs_captured(out: Path, rounds: int) -> None:
+    """``<out>/logs/flower.log`` holds Flower's lines of the run, and ``logs/ray/`` Ray's session logs with the
+    ClientApp workers' own output."""
+    flower = (out / "logs" / "flower.log").read_text()
+    for line in (f"[ROUND {rounds}/{rounds}]", "Aggregated MetricRecord", "Final results", "DEPRECATED FEATURE"):
+        assert line in flower, line
+    sessions = list((out / "logs" / "ray").glob("session_*"))
+    assert len(sessions) == 1, sessions
+    workers = "".join(path.read_text(errors="replace") for path in sessions[0].glob("worker-*.err"))
+    assert "ClientAppActor" in workers
+
+
+def test_fedmer_simulate_prints_its_own_lines_and_logs_flower_and_ray_in_the_run_directory(
+    tiny_sites: TinySites, tmp_path: Path
+) -> None:
+    """The command as a user runs it, its output going to a file (not a terminal): progress, table and warnings
+    on the console, Flower's and Ray's logs in ``<run>/logs/``."""
+    out = tmp_path / "run"
+    private_tmp = Path(tempfile.mkdtemp(prefix="fm"))  # short: Ray's socket paths under it are length-limited
+    command = [sys.executable, "-m", "server.cli", "simulate", "--scale", "tiny", "--rounds", "1"]
+    command += ["--data", str(tiny_sites.data), "--cache", str(tiny_sites.cache), "--out", str(out)]
+    before = descendants(os.getpid(), processes())
+    try:
+        with (tmp_path / "console.txt").open("w") as console:
+            process = subprocess.Popen(
+                command,
+                cwd=ROOT,
+                env={**os.environ, "TMPDIR": str(private_tmp)},
+                stdout=console,
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
+        try:
+            code = process.wait(timeout=COMMAND_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            code = None
+            stop([process.pid], private_tmp)
+            process.wait(timeout=30)
+        text = (tmp_path / "console.txt").read_text()
+        assert code == 0, text
+        left = leftovers(before, private_tmp)
+        stop([], private_tmp)  # whatever it left behind, the test does not leave behind
+        assert left == []
+    finally:
+        shutil.rmtree(private_tmp, ignore_errors=True)
+
+    summary = load_summary(out / "summary.json")
+    for site in SITES:
+        assert f"round 1/1 {site} loss" in lines_text(text)
+        assert (f"warning: {site} collapsed:" in lines_text(text)) is summary["sites"][site][COLLAPSED]
+    assert f"run directory: {out}" in lines_text(text)
+    assert_only_fedmer_lines(text)
+    assert_logs_captured(out, rounds=1)
+
+
 # ----------------------------------------------------------------------------------------------- cheap checks
 
 
@@ -154,6 +255,21 @@ def test_pooled_scores_are_uf1_and_uar_over_all_sites_clips() -> None:
     assert scores["uf1"] == pytest.approx(f1_score(labels, predicted, labels=[0, 1, 2], average="macro"))
     assert scores["uar"] == pytest.approx(recall_score(labels, predicted, average="macro"))
     assert pooled_scores([]) == {"uf1": None, "uar": None}
+
+
+def test_collapsed_sites_and_a_pooled_collapse_are_warned_about_by_class_name() -> None:
+    settings = resolve_settings({"out": "unused"})  # casme2, samm, smic; composite3: negative, positive, surprise
+    onto_surprise = {0: [confusion([(0, 2), (1, 2)])], 1: [confusion([(0, 2)]), confusion([(2, 2)])]}
+    learning = {2: [confusion([(0, 0), (1, 1), (2, 0)])]}
+
+    assert collapse_warnings(settings, {**onto_surprise, **learning}) == [
+        "casme2 collapsed: all 2 test clips predicted as surprise",
+        "samm collapsed: all 2 test clips predicted as surprise",  # over its matrices together (LOSO folds)
+    ]
+    assert collapse_warnings(settings, onto_surprise)[-1] == "pooled collapsed: every site predicts surprise only"
+    onto_other = {1: [confusion([(0, 1), (2, 1)])]}
+    assert len(collapse_warnings(settings, {**onto_surprise, **onto_other})) == 2  # each collapsed, not alike
+    assert collapse_warnings(settings, learning) == []
 
 
 class QueryGrid:
