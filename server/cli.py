@@ -6,11 +6,15 @@ It lives in ``server`` because the server is the top of the dependency chain
 
 from __future__ import annotations
 
-import typer
+from client.runtime import apply_thread_env
 
-from partitions.cli import register as register_data_commands
-from server.baselines import register as register_baselines
-from server.simulate import register as register_simulation
+apply_thread_env()  # OpenMP's wait policy: before anything imports torch
+
+import typer  # noqa: E402
+
+from partitions.cli import register as register_data_commands  # noqa: E402
+from server.baselines import register as register_baselines  # noqa: E402
+from server.simulate import register as register_simulation  # noqa: E402
 
 app = typer.Typer(
     name="fedmer",
