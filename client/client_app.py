@@ -125,6 +125,7 @@ def _training_options(config: ConfigRecord, settings: RunSettings, spec: SiteSpe
         local_params=settings.local_params,
         weights=settings.weights,
         device=spec.device,
+        precision=settings.precision,
         server_round=server_round,
     )
 

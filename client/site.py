@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 import torch
 
+from client.precision import PRECISIONS
 from client.privacy import MODES, PrivacySettings
 from models import LossWeights, ModelConfig, preset
 from partitions.adapters import ADAPTERS, canonical_database
@@ -96,11 +97,12 @@ class RunSettings:
     local_params: tuple[str, ...] = ()
     weights: LossWeights = field(default_factory=LossWeights)
     rounds: int = 3  # num-server-rounds: a DP site plans its noise over the whole run
+    precision: str = "fp32"  # or "bf16": autocast where the site's device computes bf16 natively
 
     @classmethod
     def from_config(cls, run_config: Config) -> RunSettings:
         """Read and check ``preset``, ``ccc-graph``, ``batch-size``, ``local-epochs``, ``lr``, ``seed``,
-        ``test-fraction``, ``val-fraction``, ``local-params`` and ``weight-{mer,flow,landmarks,au}``."""
+        ``test-fraction``, ``val-fraction``, ``local-params``, ``precision`` and ``weight-{mer,flow,landmarks,au}``."""
         defaults = cls()
         base = LossWeights()
         settings = cls(
@@ -114,6 +116,7 @@ class RunSettings:
             val_fraction=_setting(run_config, "val-fraction", defaults.val_fraction, float),
             local_params=_names(_text(run_config, "local-params")),
             rounds=_setting(run_config, "num-server-rounds", defaults.rounds, int),
+            precision=_setting(run_config, "precision", defaults.precision, str),
             weights=LossWeights(
                 mer=_setting(run_config, "weight-mer", base.mer, float),
                 flow=_setting(run_config, "weight-flow", base.flow, float),
@@ -130,6 +133,11 @@ class RunSettings:
             raise DataError(
                 f"run config batch-size={self.batch_size} and local-epochs={self.local_epochs} must both "
                 "be at least 1; fix them in the run config"
+            )
+        if self.precision not in PRECISIONS:
+            raise DataError(
+                f"run config precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}; fix it in the "
+                "run config"
             )
         if not 0 < self.test_fraction < 1 or not 0 <= self.val_fraction < 1:
             raise DataError(

@@ -203,6 +203,7 @@ def round_training(settings: ServerSettings, site_index: int, server_round: int,
         first_epoch=(server_round - 1) * run.local_epochs,
         weights=run.weights,
         device=device,
+        precision=run.precision,
         server_round=server_round,
     )
 

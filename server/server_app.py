@@ -99,6 +99,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "seed": _RUN.seed,
     "preset": _RUN.preset,
     "ccc-graph": _RUN.ccc_graph,
+    "precision": _RUN.precision,
     "test-fraction": _RUN.test_fraction,
     "local-params": "",
     "min-sites": 1,

@@ -223,3 +223,22 @@ def test_bad_sites_stop_with_one_clear_error(run_config: dict, tmp_path: Path) -
             train(message("train", server_round=1), context(run_config, node_config=node_config, **run))
         for word in words:
             assert word in str(error.value), (word, str(error.value))
+
+
+class Stop(Exception):
+    """Raised by a stub once it has seen what it was called with."""
+
+
+def test_the_run_config_chooses_the_training_precision(run_config: dict, monkeypatch) -> None:
+    chosen = []
+
+    def record(model, data, classes, options, **kwargs):
+        chosen.append(options)
+        raise Stop
+
+    monkeypatch.setattr(client_app, "train_local", record)
+    with pytest.raises(Stop):
+        train(message("train", server_round=1), context(run_config, precision="bf16"))
+    assert chosen[0].precision == "bf16"
+    with pytest.raises(DataError, match="precision='fp16'"):
+        train(message("train", server_round=1), context(run_config, precision="fp16"))
