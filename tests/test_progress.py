@@ -37,23 +37,24 @@ def counts(text: str, site: str) -> list[int]:
     return found
 
 
-def test_lines_come_at_the_start_each_tenth_and_the_end() -> None:
+def one_site(total: int, every_seconds: float) -> str:
+    """What a site of ``total`` clips finished one by one prints to a non-terminal console."""
     console, buffer = plain_console()
-    with DataProgress("prepared", console=console, every_seconds=1e9) as shown:
-        site = shown.add("casme2", 48)
-        for _ in range(48):
+    with DataProgress("prepared", console=console, every_seconds=every_seconds) as shown:
+        site = shown.add("casme2", total)
+        for _ in range(total):
             shown.advance(site)
-    assert counts(buffer.getvalue(), "casme2") == [0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 48]
-    assert buffer.getvalue().splitlines()[-1].startswith("casme2: prepared 48/48 clips, ")
+    return buffer.getvalue()
+
+
+def test_lines_come_at_the_start_each_tenth_and_the_end() -> None:
+    text = one_site(48, every_seconds=1e9)
+    assert counts(text, "casme2") == [0, 5, 10, 15, 20, 25, 30, 35, 40, 45, 48]
+    assert text.splitlines()[-1].startswith("casme2: prepared 48/48 clips, ")
 
 
 def test_timed_lines_only_add_to_the_counted_ones() -> None:
-    console, buffer = plain_console()
-    with DataProgress("prepared", console=console, every_seconds=0.0) as shown:
-        site = shown.add("samm", 20)
-        for _ in range(20):
-            shown.advance(site)
-    assert counts(buffer.getvalue(), "samm") == list(range(21))  # every clip is "stale" at once
+    assert counts(one_site(20, every_seconds=0.0), "casme2") == list(range(21))  # every clip is "stale" at once
 
 
 def test_sites_sharing_one_pool_keep_their_own_counts() -> None:

@@ -151,7 +151,9 @@ def render_frames(spec: SynthSpec, neutral: np.ndarray, motion: MotionModel, pla
         frame = warp(neutral_f, pullback)
         drift = spec.illumination_drift * np.sin(2 * np.pi * row / (3.0 * count) + plan.drift_phase)
         gain = 1.0 + drift + 0.5 * drift * ramp
-        if frame.ndim == 3:
-            gain = gain[..., None]
+        if frame.ndim == 3:  # one gain per channel laid out, so the product's inner loop runs along the row
+            gain = np.repeat(gain[..., None], frame.shape[2], axis=2)
         noise = rng.normal(0.0, plan.noise_sigma, frame.shape).astype(np.float32)
-        yield np.clip(np.round(frame * gain + noise), 0, 255).astype(np.uint8)
+        lit = frame * gain  # then in place: round(frame * gain + noise) clipped to 0..255
+        lit += noise
+        yield np.clip(np.round(lit, out=lit), 0, 255, out=lit).astype(np.uint8)
