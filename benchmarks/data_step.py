@@ -1,11 +1,12 @@
-"""Wall time of ``fedmer simulate``'s data step: synthesising and preparing the three default sites.
+"""Time of ``fedmer simulate``'s data step: synthesising and preparing the three default sites.
 
 Runs ``server.simulate.prepare_data`` at scale ``default`` (CASME II, SAMM and SMIC at 8 subjects x 6 clips,
 composite labels, 2 workers), in a fresh data and cache folder each time, as a first ``fedmer simulate`` on a
-fresh clone does, and times its two halves (synthesis, preparation). Each ``--code`` is a checkout of fedmer
-(this one by default; e.g. ``git archive <commit> | tar -x -C /tmp/before`` for a before/after comparison); runs
-alternate between the checkouts ``--repeat`` times so that other load on a shared machine falls on all of them
-alike. Every run is a subprocess whose progress lines go to a log beside the data.
+fresh clone does, and times its two halves (synthesis, preparation) in wall seconds and in CPU seconds (which
+other load on the machine inflates far less). Each ``--code`` is a checkout of fedmer (this one by default;
+e.g. ``git archive <commit> | tar -x -C /tmp/before`` for a before/after comparison); runs alternate between
+the checkouts ``--repeat`` times so that other load on a shared machine falls on all of them alike. Every run
+is a subprocess whose progress lines go to a log beside the data.
 
     .venv/bin/python benchmarks/data_step.py --code before=/tmp/before --code after=. --repeat 2
 """
@@ -26,31 +27,37 @@ from pathlib import Path
 DEFAULT_OUT = Path(__file__).resolve().parent / "results" / "data_step.json"
 REPO = Path(__file__).resolve().parents[1]
 
-# Runs inside the checkout measured: times synthesise (called by prepare_data) apart from the rest.
+# Runs inside the checkout measured: times synthesise (called by prepare_data) apart from the rest, in wall
+# seconds and in CPU seconds of this process and its finished workers (which other load inflates far less).
 CHILD = """
-import json, sys, time
+import json, resource, sys, time
 from pathlib import Path
 import partitions.synth.writer as writer
 from server.simulate import Scale, prepare_data, simulation_config
 
+def cpu():
+    return sum(r.ru_utime + r.ru_stime for r in map(resource.getrusage, (resource.RUSAGE_SELF,
+                                                                         resource.RUSAGE_CHILDREN)))
+
 work = Path(sys.argv[1])
-seconds = {}
+seconds, cpu_seconds = {}, {}
 synthesise = writer.synthesise
 
 def timed_synthesise(*args, **kwargs):
-    start = time.perf_counter()
+    start, start_cpu = time.perf_counter(), cpu()
     try:
         return synthesise(*args, **kwargs)
     finally:
-        seconds["synthesis"] = time.perf_counter() - start
+        seconds["synthesis"], cpu_seconds["synthesis"] = time.perf_counter() - start, cpu() - start_cpu
 
 writer.synthesise = timed_synthesise
 config = simulation_config(scale=Scale.default, data=work / "synthetic", cache=work / "cache")
-start = time.perf_counter()
+start, start_cpu = time.perf_counter(), cpu()
 prepare_data(config, Scale.default)
-seconds["total"] = time.perf_counter() - start
+seconds["total"], cpu_seconds["total"] = time.perf_counter() - start, cpu() - start_cpu
 seconds["preparation"] = seconds["total"] - seconds["synthesis"]
-print(json.dumps(seconds))
+cpu_seconds["preparation"] = cpu_seconds["total"] - cpu_seconds["synthesis"]
+print(json.dumps({"seconds": seconds, "cpu_seconds": cpu_seconds}))
 """
 
 
@@ -84,10 +91,10 @@ def one_run(label: str, code: Path, work: Path) -> dict:
         )
     if done.returncode != 0:
         raise SystemExit(f"{label}: the data step failed; see {work / 'progress.log'}")
-    seconds = json.loads(done.stdout.strip().splitlines()[-1])
+    measured = json.loads(done.stdout.strip().splitlines()[-1])
     return {
         "label": label,
-        "seconds": {key: round(value, 1) for key, value in seconds.items()},
+        **{kind: {key: round(value, 1) for key, value in values.items()} for kind, values in measured.items()},
         "load_average_before": [round(x, 2) for x in load],
         "load_average_after": [round(x, 2) for x in os.getloadavg()],
         "cpu_pressure_before": pressure,
@@ -96,12 +103,12 @@ def one_run(label: str, code: Path, work: Path) -> dict:
 
 
 def summary(runs: list[dict]) -> dict:
-    """Per checkout, the fastest run's times: other load only ever slows a run down."""
+    """Per checkout, the fastest run's wall and CPU seconds: other load only ever slows a run down."""
     best: dict[str, dict] = {}
     for run in runs:
         kept = best.get(run["label"])
-        if kept is None or run["seconds"]["total"] < kept["total"]:
-            best[run["label"]] = run["seconds"]
+        if kept is None or run["seconds"]["total"] < kept["seconds"]["total"]:
+            best[run["label"]] = {"seconds": run["seconds"], "cpu_seconds": run["cpu_seconds"]}
     return best
 
 
