@@ -118,6 +118,7 @@ def main() -> None:
     parser.add_argument("--repeat", type=int, default=1)
     parser.add_argument("--out", type=Path, default=DEFAULT_OUT)
     parser.add_argument("--work", type=Path, default=None, help="scratch folder (default a temp folder, removed)")
+    parser.add_argument("--note", default="", help="conditions worth keeping with the figures (e.g. other load)")
     args = parser.parse_args()
     codes = {}
     for item in args.code or [f"this={REPO}"]:
@@ -143,11 +144,13 @@ def main() -> None:
         "synthesised and prepared (composite3 labels, 2 workers) into fresh folders",
         "when": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
         "machine": {"cpus": os.cpu_count(), "python": platform.python_version()},
-        "codes": {label: {"path": str(code), "commit": commit_of(code)} for label, code in codes.items()},
+        "codes": {label: {"commit": commit_of(code)} for label, code in codes.items()},  # no machine paths
         "repeat": args.repeat,
         "runs": runs,
         "fastest": summary(runs),
     }
+    if args.note:
+        result["note"] = args.note
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=2))
     print(json.dumps(result["fastest"], indent=2))
