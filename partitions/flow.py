@@ -8,7 +8,7 @@ a micro-movement moves a crop pixel by well under a pixel between consecutive
 sampled frames, so coarse scales and re-warping add time, not accuracy.
 Measured against the exact flow of the synthetic sites
 (``benchmarks/prepare_throughput.py --parts flow``): 4.8x less CPU per frame
-pair, end-point error 0.0845 px instead of 0.0834 over all pixels and 0.113
+pair, end-point error 0.0845 px instead of 0.0835 over all pixels and 0.113
 instead of 0.118 over moving ones. :class:`FlowConfig` spells every setting out
 so that all of them are part of the cache key.
 
