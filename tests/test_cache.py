@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import textwrap
-from dataclasses import replace
+from dataclasses import fields, replace
 from pathlib import Path
 
 import cv2
@@ -75,7 +75,10 @@ def test_key_changes_with_every_parameter(tmp_path: Path) -> None:
         replace(base, t=6),
         replace(base, align=AlignConfig(size=112)),
         replace(base, align=AlignConfig(left_eye=(0.3, 0.36))),
-        replace(base, flow=FlowConfig(lambda_=0.1)),
+        *(
+            replace(base, flow=replace(base.flow, **{f.name: getattr(base.flow, f.name) * 2 + 1}))
+            for f in fields(FlowConfig)
+        ),  # every TV-L1 setting (scales, warps, iterations, epsilon...)
         replace(base, upsamples=(0,)),
         replace(base, version=base.version + 1),
     ]
