@@ -10,6 +10,9 @@ ENV PYTHONUNBUFFERED=1 \
     FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1 \
     FLWR_TELEMETRY_ENABLED=0 \
     FLWR_DISABLE_UPDATE_CHECK=1
+# torch's OpenMP threads wait passively, as under the fedmer command (client/runtime.py): a SuperNode shares its
+# cores with other jobs, and spinning threads then starve each other
+ENV OMP_WAIT_POLICY=PASSIVE
 
 # torch 2.13.0, CPU build only. PyPI's torch wheel depends on the nvidia-* CUDA wheels (several GB), so:
 # - with a wheel in deploy/wheels/ (a local copy of `torch-2.13.0+cpu-*.whl`, put there before

@@ -30,6 +30,7 @@ from conftest import TinySites
 from flwr.common.config import parse_config_args
 from process_tree import descendants, leftovers, processes, stop
 
+from client.runtime import THREAD_ENV
 from partitions.adapters import canonical_database
 from server.records import ROUND_PHASE, load_metrics, load_summary
 from server.simulate import simulation_environment
@@ -358,5 +359,6 @@ def test_the_image_pins_the_cpu_torch_build_and_turns_off_flowers_runtime_instal
         "FLWR_DISABLE_RUNTIME_DEPENDENCY_INSTALLATION=1",
         "FLWR_TELEMETRY_ENABLED=0",
         "FLWR_DISABLE_UPDATE_CHECK=1",
+        *(f"{key}={value}" for key, value in THREAD_ENV.items()),  # the fedmer command's, for the SuperNodes too
     ):
         assert setting in dockerfile
