@@ -281,8 +281,8 @@ class FlowHead(nn.Module):
         pyramid = [self.fuse(torch.cat([self.redirect(e8[:, :, :-1]), corr, features], dim=1))]
         for stage in self.deep:
             pyramid.append(stage(pyramid[-1]))
-        fine = [_pairs(e4, both), _pairs(e2, both), _pairs(frames, both)][: self.config.fine_stages]
-        skips = [*reversed(pyramid[:-1]), *fine]
+        fine = (e4, e2, frames)[: self.config.fine_stages]  # skips at 1/4, 1/2 and 1, as far as the decoder goes
+        skips = [*reversed(pyramid[:-1]), *(_pairs(level, both) for level in fine)]
         x = pyramid[-1]
         stages = zip(skips, self.predict[:-1], self.up_features, self.up_flows, strict=True)
         for skip, predict, up_features, up_flow in stages:
