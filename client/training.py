@@ -100,15 +100,13 @@ class Predictions:
 
 
 @torch.no_grad()
-def predict(
-    model: F5CNet, batches: Iterable[Batch], device: torch.device | str = "cpu", precision: torch.dtype | None = None
-) -> Predictions:
+def predict(model: F5CNet, batches: Iterable[Batch], device: torch.device | str = "cpu") -> Predictions:
+    """Every clip's predictions, in fp32 whatever the training precision: scores compare across sites."""
     model.eval()
     out = Predictions()
     for batch in batches:
         batch = to_device(batch, torch.device(device))
-        with autocast(precision, device):
-            output = forward_batch(model, batch, teacher_landmarks=False).float()
+        output = forward_batch(model, batch, teacher_landmarks=False)
         out.labels += batch["label"].tolist()
         out.predicted += output.logits.argmax(dim=1).tolist()
         if output.au_logits is not None:
