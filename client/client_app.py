@@ -113,20 +113,14 @@ def _round_seed(settings: RunSettings, spec: SiteSpec, server_round: int) -> int
 def _training_options(config: ConfigRecord, settings: RunSettings, spec: SiteSpec) -> LocalTraining:
     """The round's training: the server's config where it says so, else the run config's defaults."""
     server_round = int(config.get(p.SERVER_ROUND, 1))
-    epochs = int(config.get(p.LOCAL_EPOCHS, settings.local_epochs))
-    return LocalTraining(
-        epochs=epochs,
+    return settings.local_training(
+        server_round,
+        seed=_round_seed(settings, spec, server_round),
+        device=spec.device,
+        epochs=int(config.get(p.LOCAL_EPOCHS, settings.local_epochs)),
         lr=float(config.get(p.LR, settings.lr)),
         mu=float(config.get(p.PROXIMAL_MU, 0.0)),
         prior_weight=float(config.get(p.PRIOR_WEIGHT, 0.0)),
-        batch_size=settings.batch_size,
-        seed=_round_seed(settings, spec, server_round),
-        first_epoch=max(server_round - 1, 0) * epochs,
-        local_params=settings.local_params,
-        weights=settings.weights,
-        device=spec.device,
-        precision=settings.precision,
-        server_round=server_round,
     )
 
 
@@ -192,6 +186,8 @@ def train(msg: Message, context: Context) -> Message:
     privacy = privacy_settings(context.node_config, context.run_config)
     ledger, private = None, None
     if privacy.enabled:
+        if options.balance_classes and options.server_round == 1:
+            log.warning("%s: class-balance is off under DP (the weights would be a non-private count)", spec.label)
         ledger = _ledger(context)
         try:
             private = _private_round(privacy, ledger, settings, options, data)

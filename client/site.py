@@ -23,6 +23,8 @@ import torch
 
 from client.precision import PRECISIONS
 from client.privacy import MODES, PrivacySettings
+from client.schedule import SCHEDULES
+from client.task import LocalTraining
 from models import LossWeights, ModelConfig, preset
 from partitions.adapters import ADAPTERS, canonical_database
 from partitions.cache import PrepareConfig
@@ -90,7 +92,11 @@ class RunSettings:
     ccc_graph: str = "positions"
     batch_size: int = 8
     local_epochs: int = 1
-    lr: float = 3e-4  # measured: lite at 1e-3 settles on one class (benchmarks/model_variants.py)
+    lr: float = 3e-4  # the schedule's peak
+    lr_schedule: str = "constant"  # or "cosine" over the whole run (client.schedule)
+    warmup_epochs: float = 0.0
+    weight_decay: float = 0.0
+    class_balance: bool = False  # CE weighted by each site's inverse class frequency (not under DP)
     seed: int = 0
     test_fraction: float = 0.25
     val_fraction: float = 0.0
@@ -101,8 +107,9 @@ class RunSettings:
 
     @classmethod
     def from_config(cls, run_config: Config) -> RunSettings:
-        """Read and check ``preset``, ``ccc-graph``, ``batch-size``, ``local-epochs``, ``lr``, ``seed``,
-        ``test-fraction``, ``val-fraction``, ``local-params``, ``precision`` and ``weight-{mer,flow,landmarks,au}``."""
+        """Read and check ``preset``, ``ccc-graph``, ``batch-size``, ``local-epochs``, ``lr``, ``lr-schedule``,
+        ``warmup-epochs``, ``weight-decay``, ``class-balance``, ``seed``, ``test-fraction``, ``val-fraction``,
+        ``local-params``, ``precision`` and ``weight-{mer,flow,landmarks,au}``."""
         defaults = cls()
         base = LossWeights()
         settings = cls(
@@ -111,6 +118,10 @@ class RunSettings:
             batch_size=_setting(run_config, "batch-size", defaults.batch_size, int),
             local_epochs=_setting(run_config, "local-epochs", defaults.local_epochs, int),
             lr=_setting(run_config, "lr", defaults.lr, float),
+            lr_schedule=_setting(run_config, "lr-schedule", defaults.lr_schedule, str),
+            warmup_epochs=_setting(run_config, "warmup-epochs", defaults.warmup_epochs, float),
+            weight_decay=_setting(run_config, "weight-decay", defaults.weight_decay, float),
+            class_balance=_flag(run_config, "class-balance", defaults.class_balance),
             seed=_setting(run_config, "seed", defaults.seed, int),
             test_fraction=_setting(run_config, "test-fraction", defaults.test_fraction, float),
             val_fraction=_setting(run_config, "val-fraction", defaults.val_fraction, float),
@@ -139,6 +150,12 @@ class RunSettings:
                 f"run config precision={self.precision!r}: choose one of {', '.join(PRECISIONS)}; fix it in the "
                 "run config"
             )
+        if self.lr_schedule not in SCHEDULES or self.lr <= 0 or self.warmup_epochs < 0 or self.weight_decay < 0:
+            raise DataError(
+                f"run config lr={self.lr}, lr-schedule={self.lr_schedule!r}, warmup-epochs={self.warmup_epochs}, "
+                f"weight-decay={self.weight_decay}: the rate must be positive, the schedule one of "
+                f"{', '.join(SCHEDULES)}, warm-up and decay not negative; fix them in the run config"
+            )
         if not 0 < self.test_fraction < 1 or not 0 <= self.val_fraction < 1:
             raise DataError(
                 f"run config test-fraction={self.test_fraction} must lie in (0, 1) and val-fraction="
@@ -148,6 +165,39 @@ class RunSettings:
             self.model_config(1)
         except ValueError as error:
             raise DataError(f"run config preset/ccc-graph: {error}") from None
+
+    def local_training(
+        self,
+        server_round: int,
+        seed: int,
+        device: str,
+        epochs: int | None = None,
+        lr: float | None = None,
+        mu: float = 0.0,
+        prior_weight: float = 0.0,
+    ) -> LocalTraining:
+        """Round ``server_round``'s local training: epochs ``(r - 1) E`` to ``r E`` of the run's schedule, which
+        spans ``num-server-rounds x E`` epochs. ``epochs`` and ``lr`` are the server's, where it sends them."""
+        epochs = self.local_epochs if epochs is None else epochs
+        return LocalTraining(
+            epochs=epochs,
+            lr=self.lr if lr is None else lr,
+            lr_schedule=self.lr_schedule,
+            warmup_epochs=self.warmup_epochs,
+            total_epochs=max(self.rounds, server_round) * epochs,
+            weight_decay=self.weight_decay,
+            balance_classes=self.class_balance,
+            mu=mu,
+            prior_weight=prior_weight,
+            batch_size=self.batch_size,
+            seed=seed,
+            first_epoch=max(server_round - 1, 0) * epochs,
+            local_params=self.local_params,
+            weights=self.weights,
+            device=device,
+            precision=self.precision,
+            server_round=server_round,
+        )
 
     def model_config(self, classes: int, prepare: PrepareConfig | None = None) -> ModelConfig:
         """The network every site trains: the preset, sized for the clips ``fedmer prepare`` writes."""

@@ -31,9 +31,11 @@ from client.privacy import (
     noise_generator,
     noised_cooccurrence,
 )
+from client.schedule import LearningRateSchedule, ScheduledSteps
 from client.training import Predictions, predict, scores, train_epoch
 from models import F5CNet, LossWeights, MultitaskLoss
 from models.au_graph import N_AUS, cooccurrence_counts
+from models.losses import balanced_class_weights
 from partitions.action_units import au_target
 from partitions.records import Sample
 
@@ -134,7 +136,12 @@ class LocalTraining:
     """How one round of local training runs; ``seed`` is already mixed with site and round by the caller."""
 
     epochs: int = 1
-    lr: float = 3e-4
+    lr: float = 3e-4  # the schedule's peak
+    lr_schedule: str = "constant"  # or "cosine" (client.schedule), over ``total_epochs``
+    warmup_epochs: float = 0.0
+    total_epochs: int | None = None  # the whole run's epochs (rounds x epochs); None: this call's ``epochs``
+    weight_decay: float = 0.0  # AdamW's decoupled decay
+    balance_classes: bool = False  # CE weighted by inverse class frequency of this training set (not under DP)
     mu: float = 0.0
     prior_weight: float = 0.0
     batch_size: int = 8
@@ -145,6 +152,12 @@ class LocalTraining:
     device: str = "cpu"
     precision: str = "fp32"  # or "bf16": autocast where the device computes bf16 natively (client.precision)
     server_round: int = 1  # for progress lines only
+
+    @property
+    def schedule(self) -> LearningRateSchedule:
+        """The run's learning-rate curve, of which this call trains epochs ``first_epoch`` onwards."""
+        total = self.total_epochs if self.total_epochs is not None else self.first_epoch + self.epochs
+        return LearningRateSchedule(self.lr, self.lr_schedule, self.warmup_epochs, total)
 
 
 @dataclass(frozen=True)
@@ -179,13 +192,24 @@ def train_local(
     on_epoch: EpochCallback | None = None,
     privacy: PrivateRound | None = None,
 ) -> TrainOutcome:
-    """Train ``model`` in place for ``options.epochs`` epochs with Adam (fresh each round) and FedProx if mu > 0;
-    with ``privacy``, by DP-SGD on Poisson batches (Opacus), the proximal gradient added after the noise."""
+    """Train ``model`` in place for ``options.epochs`` epochs with AdamW (fresh each round) on the options' learning
+    rate schedule, and FedProx if mu > 0; with ``privacy``, by DP-SGD on Poisson batches (Opacus), the proximal
+    gradient added after the noise.
+
+    ``balance_classes`` weights the CE by the inverse class frequency of ``dataset`` (its ``targets``). Not under
+    DP: the weights are a function of every clip's label outside the clipped, noised gradient, so the privacy
+    guarantee would not cover them; a private round trains unweighted.
+    """
     torch.manual_seed(options.seed)
     model.to(options.device)
     anchor = shared_trainable(model, options.local_params) if options.mu > 0 else {}
-    optimizer = torch.optim.Adam([p for p in model.parameters() if p.requires_grad], lr=options.lr)
-    loss_fn = MultitaskLoss(options.weights)
+    optimizer = torch.optim.AdamW(
+        [p for p in model.parameters() if p.requires_grad], lr=options.lr, weight_decay=options.weight_decay
+    )
+    balanced = options.balance_classes and privacy is None
+    loss_fn = MultitaskLoss(
+        options.weights, class_weights=balanced_class_weights(class_targets(dataset), num_classes) if balanced else None
+    )
     loader = seeded_loader(dataset, options.batch_size, shuffle=True, seed=options.seed)
     if privacy is None:
         penalty = (lambda: options.mu / 2 * proximal_term(model, anchor)) if anchor else None
@@ -243,9 +267,11 @@ def _train_epochs(
     trains in fp32: Opacus's per-sample gradients and noise are not set up for autocast."""
     start = time.perf_counter()
     terms, uf1 = dict.fromkeys(LOSS_TERMS, 0.0), 0.0
+    rates = ScheduledSteps(optimizer, options.schedule, _steps_per_epoch(loader), options.first_epoch)
     for epoch in range(options.epochs):
         if hasattr(dataset, "set_epoch"):
             dataset.set_epoch(options.first_epoch + epoch)
+        rates.start_epoch(options.first_epoch + epoch)
         predictions = Predictions()
         means = train_epoch(
             forward,
@@ -254,9 +280,10 @@ def _train_epochs(
             loss_fn,
             options.prior_weight,
             options.device,
+            on_step=lambda _: rates.advance(),
             penalty=penalty,
             predictions=predictions,
-            empty_step=empty_step,
+            empty_step=_then(empty_step, rates.advance) if empty_step is not None else None,
             precision=precision,
         )
         terms = {name: means.get(name, 0.0) for name in LOSS_TERMS}  # every site reports every key
@@ -264,6 +291,32 @@ def _train_epochs(
         if on_epoch is not None:
             on_epoch(epoch, {**terms, "train_uf1": uf1})
     return TrainOutcome(terms, uf1, time.perf_counter() - start, len(dataset))
+
+
+def _steps_per_epoch(loader: Iterable[Any]) -> int:
+    """Optimiser steps in one epoch: the loader's length (a Poisson loader's expected number of batches)."""
+    try:
+        return len(loader)  # type: ignore[arg-type]
+    except TypeError:
+        return 1
+
+
+def _then(first: Callable[[], None], second: Callable[[], None]) -> Callable[[], None]:
+    def both() -> None:
+        first()
+        second()
+
+    return both
+
+
+def class_targets(dataset: Dataset) -> list[int]:
+    """Every clip's class in a training set: a ``ClipDataset`` (or anything with ``targets``) or a torch
+    ``ConcatDataset`` of them."""
+    if hasattr(dataset, "targets"):
+        return [int(t) for t in dataset.targets]
+    if hasattr(dataset, "datasets"):
+        return [t for part in dataset.datasets for t in class_targets(part)]
+    raise TypeError(f"{type(dataset).__name__} has no class targets: give a ClipDataset or a ConcatDataset of them")
 
 
 # ----------------------------------------------------------------------------------------------- evaluation

@@ -158,6 +158,11 @@ class SiteUnion:
     def samples(self) -> list[Sample]:
         return [sample for part in self.parts for sample in part.samples]
 
+    @property
+    def targets(self) -> list[int]:
+        """Every clip's class: central training balances its loss over the union, as each site does over its own."""
+        return [target for part in self.parts for target in part.targets]
+
 
 def load_sites(settings: ServerSettings) -> list[SiteData]:
     """Each site's split data, exactly as the federation's node for partition ``i`` loads it."""
@@ -190,21 +195,14 @@ def au_prior(parts: Sequence[Sequence[Sample]]) -> list[float]:
 
 def round_training(settings: ServerSettings, site_index: int, server_round: int, device: str) -> LocalTraining:
     """One round's training, as a site's federated round with the run config's settings."""
-    from client.task import LocalTraining
     from server.strategies import decay_prior_weight
 
     run = settings.run
-    return LocalTraining(
-        epochs=run.local_epochs,
-        lr=run.lr,
-        prior_weight=decay_prior_weight(server_round, settings.rounds),
-        batch_size=run.batch_size,
+    return run.local_training(
+        server_round,
         seed=run.seed + site_index + server_round,
-        first_epoch=(server_round - 1) * run.local_epochs,
-        weights=run.weights,
         device=device,
-        precision=run.precision,
-        server_round=server_round,
+        prior_weight=decay_prior_weight(server_round, settings.rounds),
     )
 
 

@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import Dataset
 
 import client.client_app as client_app
+import client.task as client_task
 from client import protocol as p
 from client.client_app import LOCAL_ARRAYS, evaluate, query, train
 from client.site import RunSettings, SiteSpec, SplitSettings, load_data, num_classes
@@ -242,3 +243,45 @@ def test_the_run_config_chooses_the_training_precision(run_config: dict, monkeyp
     assert chosen[0].precision == "bf16"
     with pytest.raises(DataError, match="precision='fp16'"):
         train(message("train", server_round=1), context(run_config, precision="fp16"))
+
+
+def test_a_round_trains_on_its_part_of_the_run_schedule(run_config: dict, monkeypatch) -> None:
+    """Round 2 of 2 (one local epoch, cosine, no warm-up) steps at the second half of the run's curve."""
+    rates: list[float] = []
+    step = torch.optim.AdamW.step
+
+    def record(self, *args, **kwargs):
+        rates.append(self.param_groups[0]["lr"])
+        return step(self, *args, **kwargs)
+
+    monkeypatch.setattr(torch.optim.AdamW, "step", record)
+    recipe = {"lr-schedule": "cosine", "warmup-epochs": 0.0, "num-server-rounds": 2, "batch-size": 2}
+    node = context(run_config, **recipe)
+    _, _, data = client_app._site(node)
+    steps = -(-len(data.train) // 2)
+    train(message("train", server_round=2, local_epochs=1, lr=0.002), node)
+    expected = [0.002 * 0.5 * (1 + np.cos(np.pi * (1 + i / steps) / 2)) for i in range(steps)]
+    assert rates == pytest.approx(expected)
+
+
+def test_class_balance_weights_the_sites_own_classes_but_not_under_dp(run_config: dict, monkeypatch) -> None:
+    weights: list[torch.Tensor | None] = []
+
+    def record(loss_weights, class_weights=None):
+        weights.append(class_weights)
+        raise Stop
+
+    monkeypatch.setattr(client_task, "MultitaskLoss", record)
+    node = context(run_config, **{"class-balance": True})
+    with pytest.raises(Stop):
+        train(message("train", server_round=1), node)
+    _, _, data = client_app._site(node)
+    counts = torch.bincount(torch.tensor(data.train.targets), minlength=len(weights[0])).float()
+    present = counts > 0
+    assert present.sum() >= 2
+    products = weights[0][present] * counts[present]
+    assert torch.allclose(products, products[0].expand_as(products))  # weight x count is one constant: 1 / frequency
+    with pytest.raises(Stop):
+        private = {"class-balance": True, "dp": True, "dp-noise-multiplier": 1.0}
+        train(message("train", server_round=1), context(run_config, **private))
+    assert weights[1] is None
