@@ -92,11 +92,13 @@ class RunSettings:
     ccc_graph: str = "positions"
     batch_size: int = 8
     local_epochs: int = 1
-    lr: float = 3e-4  # the schedule's peak
-    lr_schedule: str = "constant"  # or "cosine" over the whole run (client.schedule)
-    warmup_epochs: float = 0.0
-    weight_decay: float = 0.0
-    class_balance: bool = False  # CE weighted by each site's inverse class frequency (not under DP)
+    # The training recipe (README "A recipe that learns"; benchmarks/recipe.py measured each part)
+    lr: float = 1e-3  # the schedule's peak
+    lr_schedule: str = "cosine"  # or "constant"; over the whole run (client.schedule)
+    warmup_epochs: float = 1.0
+    weight_decay: float = 1e-4
+    class_balance: bool = True  # CE weighted by each site's inverse class frequency (not under DP)
+    label_smoothing: float = 0.1
     seed: int = 0
     test_fraction: float = 0.25
     val_fraction: float = 0.0
@@ -108,8 +110,8 @@ class RunSettings:
     @classmethod
     def from_config(cls, run_config: Config) -> RunSettings:
         """Read and check ``preset``, ``ccc-graph``, ``batch-size``, ``local-epochs``, ``lr``, ``lr-schedule``,
-        ``warmup-epochs``, ``weight-decay``, ``class-balance``, ``seed``, ``test-fraction``, ``val-fraction``,
-        ``local-params``, ``precision`` and ``weight-{mer,flow,landmarks,au}``."""
+        ``warmup-epochs``, ``weight-decay``, ``class-balance``, ``label-smoothing``, ``seed``, ``test-fraction``,
+        ``val-fraction``, ``local-params``, ``precision`` and ``weight-{mer,flow,landmarks,au}``."""
         defaults = cls()
         base = LossWeights()
         settings = cls(
@@ -122,6 +124,7 @@ class RunSettings:
             warmup_epochs=_setting(run_config, "warmup-epochs", defaults.warmup_epochs, float),
             weight_decay=_setting(run_config, "weight-decay", defaults.weight_decay, float),
             class_balance=_flag(run_config, "class-balance", defaults.class_balance),
+            label_smoothing=_setting(run_config, "label-smoothing", defaults.label_smoothing, float),
             seed=_setting(run_config, "seed", defaults.seed, int),
             test_fraction=_setting(run_config, "test-fraction", defaults.test_fraction, float),
             val_fraction=_setting(run_config, "val-fraction", defaults.val_fraction, float),
@@ -156,6 +159,10 @@ class RunSettings:
                 f"weight-decay={self.weight_decay}: the rate must be positive, the schedule one of "
                 f"{', '.join(SCHEDULES)}, warm-up and decay not negative; fix them in the run config"
             )
+        if not 0 <= self.label_smoothing < 1:
+            raise DataError(
+                f"run config label-smoothing={self.label_smoothing} must lie in [0, 1); fix it in the run config"
+            )
         if not 0 < self.test_fraction < 1 or not 0 <= self.val_fraction < 1:
             raise DataError(
                 f"run config test-fraction={self.test_fraction} must lie in (0, 1) and val-fraction="
@@ -187,6 +194,7 @@ class RunSettings:
             total_epochs=max(self.rounds, server_round) * epochs,
             weight_decay=self.weight_decay,
             balance_classes=self.class_balance,
+            label_smoothing=self.label_smoothing,
             mu=mu,
             prior_weight=prior_weight,
             batch_size=self.batch_size,

@@ -142,6 +142,7 @@ class LocalTraining:
     total_epochs: int | None = None  # the whole run's epochs (rounds x epochs); None: this call's ``epochs``
     weight_decay: float = 0.0  # AdamW's decoupled decay
     balance_classes: bool = False  # CE weighted by inverse class frequency of this training set (not under DP)
+    label_smoothing: float = 0.0
     mu: float = 0.0
     prior_weight: float = 0.0
     batch_size: int = 8
@@ -208,7 +209,9 @@ def train_local(
     )
     balanced = options.balance_classes and privacy is None
     loss_fn = MultitaskLoss(
-        options.weights, class_weights=balanced_class_weights(class_targets(dataset), num_classes) if balanced else None
+        options.weights,
+        class_weights=balanced_class_weights(class_targets(dataset), num_classes) if balanced else None,
+        label_smoothing=options.label_smoothing,
     )
     loader = seeded_loader(dataset, options.batch_size, shuffle=True, seed=options.seed)
     if privacy is None:

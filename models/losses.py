@@ -54,12 +54,17 @@ def balanced_class_weights(targets: Sequence[int], num_classes: int) -> Tensor:
 class MultitaskLoss(nn.Module):
     """Model output and a batch from ``partitions.dataset.ClipDataset`` -> (total, detached terms).
 
-    ``class_weights`` (optional, see :func:`balanced_class_weights`) weight each sample's CE by its class.
+    ``class_weights`` (optional, see :func:`balanced_class_weights`) weight each sample's CE by its class;
+    ``label_smoothing`` moves that much of each CE target's mass evenly onto all classes (Szegedy et al., 2016),
+    so a hundred training clips cannot be fitted with ever larger logits.
     """
 
-    def __init__(self, weights: LossWeights | None = None, class_weights: Tensor | None = None) -> None:
+    def __init__(
+        self, weights: LossWeights | None = None, class_weights: Tensor | None = None, label_smoothing: float = 0.0
+    ) -> None:
         super().__init__()
         self.weights = weights or LossWeights()
+        self.label_smoothing = label_smoothing
         self.register_buffer("class_weights", class_weights, persistent=False)
 
     def forward(self, output: ModelOutput, batch: dict[str, Tensor]) -> tuple[Tensor, dict[str, float]]:
@@ -74,7 +79,15 @@ class MultitaskLoss(nn.Module):
 
     def terms(self, output: ModelOutput, batch: dict[str, Tensor]) -> dict[str, Tensor]:
         """Each head's unweighted per-sample loss (B,), masked where a sample lacks the target."""
-        terms = {"mer": F.cross_entropy(output.logits, batch["label"], weight=self.class_weights, reduction="none")}
+        terms = {
+            "mer": F.cross_entropy(
+                output.logits,
+                batch["label"],
+                weight=self.class_weights,
+                reduction="none",
+                label_smoothing=self.label_smoothing,
+            )
+        }
         if output.flow is not None:
             terms["flow"] = endpoint_error(output.flow, batch["flow"])
         if output.landmarks is not None:

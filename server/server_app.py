@@ -99,6 +99,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "warmup-epochs": _RUN.warmup_epochs,
     "weight-decay": _RUN.weight_decay,
     "class-balance": _RUN.class_balance,
+    "label-smoothing": _RUN.label_smoothing,
     "batch-size": _RUN.batch_size,
     "seed": _RUN.seed,
     "preset": _RUN.preset,

@@ -113,7 +113,7 @@ def test_stored_flow_matches_the_frames(tmp_path: Path) -> None:
 def test_flip_keeps_frames_flow_and_landmarks_consistent(tmp_path: Path) -> None:
     sample = make_entry(tmp_path, "EP01")
     plain = ClipDataset([sample], [0], tmp_path, config=CONFIG)[0]
-    always = Augment(flip=1.0, brightness=0.0, contrast=0.0)
+    always = Augment(flip=1.0, brightness=0.0, contrast=0.0, shift=0)
     flipped = ClipDataset([sample], [0], tmp_path, config=CONFIG, train=True, augment=always)[0]
     assert bool(flipped["flipped"])
     torch.testing.assert_close(flipped["clip"], plain["clip"].flip(-1))
@@ -128,6 +128,32 @@ def test_flip_keeps_frames_flow_and_landmarks_consistent(tmp_path: Path) -> None
     np.testing.assert_allclose(flipped["landmarks"][0, 45].numpy() * (SIZE - 1), (dot_x, dot_y), atol=1.0)
     torch.testing.assert_close(flipped["landmarks"][:, 45, 0], 1.0 - plain["landmarks"][:, 36, 0])
     torch.testing.assert_close(flipped["gt_landmarks"][:, 45, 0], 1.0 - plain["gt_landmarks"][:, 36, 0])
+
+
+def test_shift_moves_frames_flow_and_landmarks_together(tmp_path: Path) -> None:
+    sample = make_entry(tmp_path, "EP01")
+    plain = ClipDataset([sample], [0], tmp_path, config=CONFIG)[0]
+    only_shift = Augment(flip=0.0, brightness=0.0, contrast=0.0, shift=5)
+    moves = set()
+    for seed in range(6):
+        shifted = ClipDataset([sample], [0], tmp_path, config=CONFIG, train=True, seed=seed, augment=only_shift)[0]
+        # Landmarks: the bright dot marked at point 36 is where the shifted point 36 says it is ...
+        dot_y, dot_x = np.unravel_index(int(shifted["clip"][0, 0].argmax()), (SIZE, SIZE))
+        np.testing.assert_allclose(shifted["landmarks"][0, 36].numpy() * (SIZE - 1), (dot_x, dot_y), atol=1.0)
+        dx, dy = ((shifted["landmarks"] - plain["landmarks"])[0, 0].numpy() * (SIZE - 1)).round().astype(int)
+        assert max(abs(dx), abs(dy)) <= 5
+        moves.add((int(dx), int(dy)))
+        # ... the frames and flow fields moved by that many pixels (away from the repeated border) ...
+        for name in ("clip", "flow", "gt_flow"):
+            moved = shifted[name][..., 8 + dy : SIZE - 8 + dy, 8 + dx : SIZE - 8 + dx]
+            torch.testing.assert_close(moved, plain[name][..., 8:-8, 8:-8])
+        # ... and the moved flow still carries the moved first frame onto the moved second one.
+        right, wrong = photometric_residual(shifted)
+        assert right < 0.02 < wrong
+        torch.testing.assert_close(
+            shifted["gt_landmarks"] - plain["gt_landmarks"], shifted["landmarks"] - plain["landmarks"]
+        )
+    assert len(moves) > 1  # the seed draws the shift
 
 
 def test_augmentation_is_deterministic_given_a_seed(tmp_path: Path) -> None:

@@ -11,6 +11,7 @@ import torch
 from models import MultitaskLoss, build_model, preset
 from models.config import RecognitionHeadConfig
 from models.losses import LossWeights
+from models.network import ModelOutput
 
 AU_COUNT, POINTS = 12, 68
 
@@ -104,6 +105,19 @@ def test_loss_masks_samples_without_action_units() -> None:
     assert terms["au"] > 0
 
 
+def test_label_smoothing_keeps_a_confident_right_answer_from_zero_loss() -> None:
+    """With smoothing e over C classes the CE target is (1 - e) on the label and e / C on every class."""
+    config = preset("lite", image_size=32, num_classes=3)
+    batch = random_batch(config, batch=2)
+    logits = torch.full((2, 3), -20.0)
+    logits[torch.arange(2), batch["label"]] = 20.0
+    output = ModelOutput(logits=logits, flow=None, landmarks=None, au_logits=None)
+    plain = MultitaskLoss().terms(output, batch)["mer"]
+    smoothed = MultitaskLoss(label_smoothing=0.3).terms(output, batch)["mer"]
+    assert float(plain.max()) < 1e-6
+    torch.testing.assert_close(smoothed, torch.full((2,), 0.3 * 2 / 3 * 40.0), rtol=1e-4, atol=1e-4)
+
+
 def test_opacus_per_sample_gradients_match_a_per_example_loop() -> None:
     from opacus import GradSampleModule
 
@@ -133,11 +147,15 @@ def moving_texture_batch(config, batch: int = 4) -> dict[str, torch.Tensor]:
     """Smooth textures translating by a per-sample constant flow, labelled by its direction."""
     g = torch.Generator().manual_seed(3)
     size, t = config.image_size, config.frames
-    base = torch.nn.functional.interpolate(torch.rand(batch, 1, size // 4, size // 4, generator=g), size=(size, size),
-                                           mode="bilinear", align_corners=False)
+    base = torch.nn.functional.interpolate(
+        torch.rand(batch, 1, size // 4, size // 4, generator=g), size=(size, size), mode="bilinear", align_corners=False
+    )
     velocity = torch.tensor([[1.0, 0.0], [-1.0, 0.0], [0.0, 1.0], [0.0, -1.0]])[:batch]
-    frames = [torch.roll(base, shifts=(int(k * velocity[b, 1]), int(k * velocity[b, 0])), dims=(-2, -1))[b]
-              for b in range(batch) for k in range(t)]
+    frames = [
+        torch.roll(base, shifts=(int(k * velocity[b, 1]), int(k * velocity[b, 0])), dims=(-2, -1))[b]
+        for b in range(batch)
+        for k in range(t)
+    ]
     clip = torch.stack(frames).reshape(batch, t, 1, size, size)
     flow = velocity[:, None, :, None, None].expand(batch, t - 1, 2, size, size).clone()
     out = random_batch(config, batch=batch, seed=4)

@@ -65,11 +65,19 @@ def test_federated_rounds_follow_the_central_run_curve() -> None:
 
 def test_the_run_config_reads_and_checks_the_recipe() -> None:
     settings = RunSettings.from_config(
-        {"lr": 0.002, "lr-schedule": "cosine", "warmup-epochs": 0.5, "weight-decay": 0.01, "class-balance": "true"}
+        {
+            "lr": 0.002,
+            "lr-schedule": "cosine",
+            "warmup-epochs": 0.5,
+            "weight-decay": 0.01,
+            "class-balance": "true",
+            "label-smoothing": 0.2,
+        }
     )
     options = settings.local_training(2, seed=5, device="cpu")
     assert (options.lr, options.lr_schedule, options.warmup_epochs) == (0.002, "cosine", 0.5)
-    assert (options.weight_decay, options.balance_classes) == (0.01, True)
-    for key, value in (("lr-schedule", "step"), ("warmup-epochs", -1), ("weight-decay", -0.1), ("lr", 0)):
+    assert (options.weight_decay, options.balance_classes, options.label_smoothing) == (0.01, True, 0.2)
+    bad = (("lr-schedule", "step"), ("warmup-epochs", -1), ("weight-decay", -0.1), ("lr", 0), ("label-smoothing", 1))
+    for key, value in bad:
         with pytest.raises(DataError, match=key):
             RunSettings.from_config({key: value})
