@@ -212,6 +212,20 @@ def test_central_trains_on_the_union_and_writes_the_federation_records(
     assert sum(line.startswith("round 1/1  central ") for line in central.output.splitlines()) == 1
 
 
+def test_central_balances_its_loss_over_the_union_of_the_sites_classes(federation_splits: list) -> None:
+    from torch.utils.data import ConcatDataset
+
+    from client.task import class_targets
+    from server.baselines import SiteUnion
+
+    parts = [split.train for split in federation_splits]
+    every = [target for part in parts for target in part.targets]
+    assert len(set(every)) > 1
+    assert class_targets(SiteUnion(parts)) == every == class_targets(ConcatDataset(parts))
+    with pytest.raises(TypeError, match="no class targets"):
+        class_targets(torch.utils.data.TensorDataset(torch.zeros(2)))
+
+
 def test_two_central_runs_with_one_seed_give_the_same_results(
     central: Run, federation: Federation, tmp_path: Path
 ) -> None:
