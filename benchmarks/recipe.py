@@ -1,22 +1,31 @@
-"""What makes the `lite` network learn: central training on the default synthetic sites, one recipe change at a time.
+"""What makes the `lite` network learn, and what federating it costs: one recipe change at a time, in three modes.
 
 The three default sites (``fedmer simulate``'s: CASME II, SAMM and SMIC formats, 8 subjects x 6 clips, MEGC2019
-composite labels) are split into subject folds per site; each variant trains one network on the union of the
-training folds exactly as ``fedmer simulate --mode central`` does (``client.task.train_local`` round by round, a
-fresh optimiser each round, the AU prior's weight decaying over the rounds) and is scored on the held-out
-subjects. UF1 and UAR are pooled over every held-out clip of all folds (MEGC2019), per seed; the table gives the
-mean over seeds and its standard error.
+composite labels) are split into subject folds per site, and every job (variant, mode, seed, fold) is scored on
+the held-out subjects of its fold. ``--modes``:
 
-Jobs (variant, seed, fold) run in ``--jobs`` worker processes of ``--threads`` threads each and are appended to
-``<out>.jsonl`` as they finish, so an interrupted run resumes where it stopped.
+- ``central``: one network on the union of the training folds, exactly as ``fedmer simulate --mode central``
+  trains (``client.task.train_local`` round by round, a fresh optimiser each round, the AU prior's weight
+  decaying over the rounds);
+- ``federated``: FedAvg in one process, each site training the global weights on its own fold per round as the
+  ClientApp does (same round options and seeds), aggregated by Flower's FedAvg aggregation;
+- ``local``: one network per site on its own fold.
 
-    .venv/bin/python benchmarks/recipe.py [--variants recipe,before] [--seeds 0,1,2] [--folds 2] [--jobs 2]
+UF1 and UAR are pooled over every held-out clip of all folds (MEGC2019), per seed; the table gives the mean over
+seeds and its standard error, and the mean of the sites' own UF1 where each site's clips were scored apart.
+
+Jobs run in ``--jobs`` worker processes of ``--threads`` threads each and are appended to ``<out>.jsonl`` as
+they finish, so an interrupted run resumes where it stopped.
+
+    .venv/bin/python benchmarks/recipe.py [--variants recipe,before] [--modes central,federated,local] \
+        [--seeds 0,1,2] [--folds 2] [--jobs 2]
 """
 
 from __future__ import annotations
 
 import argparse
 import hashlib
+import itertools
 import json
 import os
 import statistics
@@ -27,6 +36,7 @@ from pathlib import Path
 from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
+SITES = ("casme2", "samm", "smic")
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "recipe": {},
@@ -69,32 +79,98 @@ def run_settings(variant: str, rounds: int, local_epochs: int):
 
 
 def fold_data(data: Path, cache: Path, fold: int, folds: int, seed: int, augment):
-    """The union of every site's training subjects of ``fold`` (augmented per seed) and its held-out clips."""
-    from torch.utils.data import ConcatDataset
-
+    """Per site, in SITES order: the training subjects of ``fold`` (augmented per seed) and its held-out clips."""
     from partitions.dataset import ClipDataset
     from partitions.labels import load_site
     from partitions.splits import subject_k_folds
-    from server.baselines import SiteUnion
 
     train, test = [], []
-    for name in ("casme2", "samm", "smic"):
+    for name in SITES:
         site = load_site(name, data / name, labels="composite3")
         split = subject_k_folds(site.samples, folds, seed=0)[fold]
         options = {"train": True, "seed": seed * 100 + fold, "augment": augment}
         train.append(ClipDataset.from_site(site, split.train, cache, **options))
         test.append(ClipDataset.from_site(site, split.test, cache))
-    return SiteUnion(train), ConcatDataset(test)
+    return train, test
+
+
+def round_options(settings, job: dict[str, Any], server_round: int, site_index: int = 0):
+    """One round's local training, seeded as a federated site's round (seed + site index + round)."""
+    from server.strategies import decay_prior_weight
+
+    return settings.local_training(
+        server_round,
+        job["seed"] + site_index + server_round,
+        "cpu",
+        prior_weight=decay_prior_weight(server_round, job["rounds"]),
+    )
+
+
+def train_central(model, train: list, settings, job: dict[str, Any]) -> list:
+    """One network on the union of the sites' training folds, as ``fedmer simulate --mode central``."""
+    from client.task import set_au_prior, train_local
+    from server.baselines import SiteUnion, au_prior
+
+    union = SiteUnion(train)
+    set_au_prior(model, au_prior([part.samples for part in train]))
+    for server_round in range(1, job["rounds"] + 1):
+        outcome = train_local(model, union, 3, round_options(settings, job, server_round))
+    return [(model, outcome)] * len(train)
+
+
+def train_federated(model, train: list, settings, job: dict[str, Any]) -> list:
+    """FedAvg in one process: each round every site trains the global weights on its own fold, and the server
+    averages the replies weighted by their training clips with Flower's own FedAvg aggregation."""
+    from flwr.app import ArrayRecord, MetricRecord, RecordDict
+    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+
+    from client.protocol import NUM_EXAMPLES
+    from client.task import set_au_prior, train_local
+    from server.baselines import au_prior
+
+    set_au_prior(model, au_prior([part.samples for part in train]))
+    global_arrays = ArrayRecord(torch_state_dict=model.state_dict())
+    for server_round in range(1, job["rounds"] + 1):
+        replies = []
+        for index, part in enumerate(train):
+            model.load_state_dict(global_arrays.to_torch_state_dict())
+            outcome = train_local(model, part, 3, round_options(settings, job, server_round, index))
+            arrays = ArrayRecord(torch_state_dict=model.state_dict())
+            replies.append(RecordDict({"arrays": arrays, "metrics": MetricRecord({NUM_EXAMPLES: outcome.examples})}))
+        global_arrays = aggregate_arrayrecords(replies, NUM_EXAMPLES)
+    model.load_state_dict(global_arrays.to_torch_state_dict())
+    return [(model, outcome)] * len(train)
+
+
+def train_local_only(model, train: list, settings, job: dict[str, Any]) -> list:
+    """One network per site on its own training fold, from the same initial weights."""
+    import copy
+
+    from client.task import set_au_prior, train_local
+    from server.baselines import au_prior
+
+    trained = []
+    for index, part in enumerate(train):
+        mine = copy.deepcopy(model)
+        set_au_prior(mine, au_prior([part.samples]))
+        for server_round in range(1, job["rounds"] + 1):
+            outcome = train_local(mine, part, 3, round_options(settings, job, server_round, index))
+        trained.append((mine, outcome))
+    return trained
+
+
+MODES = {"central": train_central, "federated": train_federated, "local": train_local_only}
+"""How a job trains: each returns, per site, the network that site's held-out clips are scored with and its
+last round's outcome."""
 
 
 def run_job(job: dict[str, Any]) -> dict[str, Any]:
-    """Train one variant on one fold with one seed; the held-out labels and predictions."""
+    """Train one variant in one mode on one fold with one seed; each site's held-out confusion matrix."""
+    import numpy as np
     import torch
 
-    from client.task import evaluate_local, set_au_prior, train_local
+    from client.task import evaluate_local
     from models import build_model
-    from server.baselines import au_prior
-    from server.strategies import decay_prior_weight
 
     torch.set_num_threads(job["threads"])
     settings = run_settings(job["variant"], job["rounds"], job["local_epochs"])
@@ -102,35 +178,30 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     train, test = fold_data(Path(job["data"]), Path(job["cache"]), job["fold"], job["folds"], job["seed"], augment)
     torch.manual_seed(job["seed"] * 100 + job["fold"])
     model = build_model(settings.model_config(3))
-    set_au_prior(model, au_prior([part.samples for part in train.parts]))
     start = time.perf_counter()
-    for server_round in range(1, job["rounds"] + 1):
-        options = settings.local_training(
-            server_round,
-            job["seed"] + server_round,
-            "cpu",
-            prior_weight=decay_prior_weight(server_round, job["rounds"]),
-        )
-        outcome = train_local(model, train, 3, options)
+    trained = MODES[job["mode"]](model, train, settings, job)
     seconds = time.perf_counter() - start
-    result = evaluate_local(model, test, 3, seed=job["seed"])
+    results = [evaluate_local(net, part, 3, seed=job["seed"]) for (net, _), part in zip(trained, test, strict=True)]
+    clips = [r.examples for r in results]
     return {
-        **{k: job[k] for k in ("key", "variant", "seed", "fold")},
+        **{k: job[k] for k in ("key", "variant", "mode", "seed", "fold")},
         "train_seconds": round(seconds, 1),
-        "final_terms": outcome.terms,
-        "fold_uf1": result.uf1,
-        "confusion": result.confusion,
-        "flow_epe": result.epe,
-        "landmark_nme": result.nme,
-        "au_f1": result.au_f1,
+        "final_terms": [outcome.terms for _, outcome in trained],
+        "confusion": np.sum([r.confusion for r in results], axis=0).tolist(),
+        "site_confusions": dict(zip(SITES, [r.confusion for r in results], strict=True)),
+        "site_uf1": dict(zip(SITES, [r.uf1 for r in results], strict=True)),
+        "flow_epe": float(np.average([r.epe for r in results], weights=clips)),
+        "landmark_nme": float(np.average([r.nme for r in results], weights=clips)),
+        "au_f1": float(np.average([r.au_f1 for r in results], weights=clips)),
     }
 
 
-def job_key(variant: str, seed: int, fold: int, args: argparse.Namespace) -> str:
-    """Identifies a finished job across restarts: the variant's settings, seed, fold and the run's shape."""
+def job_key(variant: str, mode: str, seed: int, fold: int, args: argparse.Namespace) -> str:
+    """Identifies a finished job across restarts: the variant's settings, mode, seed, fold and the run's shape.
+    The central mode leaves itself out of the key, so that the jobs run before modes existed still count."""
     settings = asdict(run_settings(variant, args.rounds, args.local_epochs))
     augment = asdict(augmentation(variant))
-    shape = [seed, fold, args.folds, str(args.data), str(args.cache)]
+    shape = [seed, fold, args.folds, str(args.data), str(args.cache)] + ([] if mode == "central" else [mode])
     text = json.dumps([settings, augment, *shape], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -141,37 +212,72 @@ def pooled(confusions: list[list[int]]) -> dict[str, float | None]:
     return pooled_scores(confusions)
 
 
-def summarise(rows: list[dict[str, Any]], variants: list[str], seeds: list[int]) -> list[dict[str, Any]]:
-    """Per variant: pooled UF1/UAR per seed (all folds' held-out clips), their mean and standard error."""
+def mode_of(row: dict[str, Any]) -> str:
+    """A job's mode (rows from before modes existed are central)."""
+    return row.get("mode", "central")
+
+
+def seed_scores(mine: list[dict[str, Any]]) -> dict[str, Any]:
+    """One seed's jobs (its folds): UF1/UAR pooled over every held-out clip, and per site where recorded, with
+    the mean of the sites' own UF1 (what the average site gets)."""
+    scores = {
+        **pooled([r["confusion"] for r in mine]),
+        "folds": len(mine),
+        "clips": sum(sum(r["confusion"]) for r in mine),
+    }
+    if all("site_confusions" in r for r in mine):
+        sites = {site: pooled([r["site_confusions"][site] for r in mine]) for site in SITES}
+        scores["sites"] = sites
+        scores["site_mean_uf1"] = statistics.fmean(site["uf1"] for site in sites.values())
+    return scores
+
+
+def mean_and_se(values: list[float]) -> tuple[float | None, float | None]:
+    mean = round(statistics.fmean(values), 4) if values else None
+    return mean, round(statistics.stdev(values) / len(values) ** 0.5, 4) if len(values) > 1 else None
+
+
+def summarise(rows: list[dict[str, Any]], variants: list[str], modes: list[str], seeds: list[int]):
+    """Per variant and mode: pooled UF1/UAR per seed (all folds' held-out clips), their mean and standard error
+    over seeds, and the sites' mean UF1 where each site's clips were recorded."""
     table = []
     for variant in variants:
-        per_seed = {}
-        for seed in seeds:
-            mine = [r for r in rows if r["variant"] == variant and r["seed"] == seed]
-            if mine:
-                per_seed[seed] = {
-                    **pooled([r["confusion"] for r in mine]),
-                    "folds": len(mine),
-                    "clips": sum(sum(r["confusion"]) for r in mine),
+        for mode in modes:
+            per_seed = {}
+            for seed in seeds:
+                mine = [r for r in rows if r["variant"] == variant and mode_of(r) == mode and r["seed"] == seed]
+                if mine:
+                    per_seed[seed] = seed_scores(mine)
+            if not per_seed:
+                continue
+            uf1_mean, uf1_se = mean_and_se([s["uf1"] for s in per_seed.values()])
+            site_mean, site_se = mean_and_se([s["site_mean_uf1"] for s in per_seed.values() if "site_mean_uf1" in s])
+            table.append(
+                {
+                    "variant": variant,
+                    "mode": mode,
+                    "changes": VARIANTS[variant],
+                    "seeds": per_seed,
+                    "uf1_mean": uf1_mean,
+                    "uf1_se": uf1_se,
+                    "uar_mean": mean_and_se([s["uar"] for s in per_seed.values()])[0],
+                    "site_mean_uf1": site_mean,
+                    "site_mean_uf1_se": site_se,
                 }
-        uf1 = [s["uf1"] for s in per_seed.values()]
-        uar = [s["uar"] for s in per_seed.values()]
-        table.append(
-            {
-                "variant": variant,
-                "changes": VARIANTS[variant],
-                "seeds": per_seed,
-                "uf1_mean": round(statistics.fmean(uf1), 4) if uf1 else None,
-                "uf1_se": round(statistics.stdev(uf1) / len(uf1) ** 0.5, 4) if len(uf1) > 1 else None,
-                "uar_mean": round(statistics.fmean(uar), 4) if uar else None,
-            }
-        )
+            )
     return table
+
+
+def _cell(mean: float | None, se: float | None) -> str:
+    if mean is None:
+        return "-"
+    return f"{mean:.3f}" + (f" ± {se:.3f}" if se is not None else "")
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--variants", default=",".join(VARIANTS))
+    parser.add_argument("--modes", default="central", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--seeds", default="0,1,2")
     parser.add_argument("--folds", type=int, default=2)
     parser.add_argument("--rounds", type=int, default=10)
@@ -183,10 +289,12 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=RESULTS / "recipe.json")
     parser.add_argument("--only-done", action="store_true", help="summarise the finished jobs, run nothing")
     args = parser.parse_args()
-    variants, seeds = args.variants.split(","), [int(s) for s in args.seeds.split(",")]
-    unknown = [v for v in variants if v not in VARIANTS]
-    if unknown:
-        parser.error(f"--variants: unknown {', '.join(unknown)}; choose from {', '.join(VARIANTS)}")
+    variants, modes = args.variants.split(","), args.modes.split(",")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    for option, given, known in (("--variants", variants, VARIANTS), ("--modes", modes, MODES)):
+        unknown = [v for v in given if v not in known]
+        if unknown:
+            parser.error(f"{option}: unknown {', '.join(unknown)}; choose from {', '.join(known)}")
 
     from model_variants import prepared_sites
 
@@ -195,29 +303,34 @@ def main() -> None:
     done = {}
     if log.exists():
         done = {row["key"]: row for row in map(json.loads, log.read_text().splitlines()) if row}
-    jobs = []
-    for variant in variants:
-        for seed in seeds:
-            for fold in range(args.folds):
-                key = job_key(variant, seed, fold, args)
-                if key not in done and not args.only_done:
-                    jobs.append(
-                        {
-                            "key": key,
-                            "variant": variant,
-                            "seed": seed,
-                            "fold": fold,
-                            "folds": args.folds,
-                            "rounds": args.rounds,
-                            "local_epochs": args.local_epochs,
-                            "threads": args.threads,
-                            "data": str(args.data),
-                            "cache": str(args.cache),
-                        }
-                    )
+    jobs, wanted = [], set()
+    for variant, mode, seed, fold in itertools.product(variants, modes, seeds, range(args.folds)):
+        key = job_key(variant, mode, seed, fold, args)
+        wanted.add(key)
+        if key not in done and not args.only_done:
+            shape = {"folds": args.folds, "rounds": args.rounds, "local_epochs": args.local_epochs}
+            where = {"threads": args.threads, "data": str(args.data), "cache": str(args.cache)}
+            jobs.append({"key": key, "variant": variant, "mode": mode, "seed": seed, "fold": fold, **shape, **where})
     print(f"{len(jobs)} jobs to run ({len(done)} already done), {args.jobs} at a time", flush=True)
+    run_jobs(jobs, args.jobs, done, log)
+    rows = [row for key, row in done.items() if key in wanted]
+    table = summarise(rows, variants, modes, seeds)
+    settings = {k: os.path.relpath(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
+    args.out.write_text(json.dumps({"settings": settings, "summary": table, "runs": rows}, indent=2) + "\n")
+    print("| variant | mode | pooled UF1 (mean ± SE over seeds) | UAR | sites' mean UF1 | seeds |")
+    print("|---|---|---|---|---|---|")
+    for row in table:
+        pooled_uf1 = _cell(row["uf1_mean"], row["uf1_se"])
+        site_mean = _cell(row["site_mean_uf1"], row["site_mean_uf1_se"])
+        cells = [row["variant"], row["mode"], pooled_uf1, f"{row['uar_mean']:.3f}", site_mean, str(len(row["seeds"]))]
+        print("| " + " | ".join(cells) + " |")
+    print(f"wrote {args.out} and {log}")
+
+
+def run_jobs(jobs: list[dict[str, Any]], workers: int, done: dict[str, dict[str, Any]], log: Path) -> None:
+    """Run ``jobs`` in worker processes, appending each finished one to ``log`` (and ``done``) at once."""
     os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
-    with ProcessPoolExecutor(max_workers=args.jobs) as pool:
+    with ProcessPoolExecutor(max_workers=workers) as pool:
         futures = [pool.submit(run_job, job) for job in jobs]
         for count, future in enumerate(as_completed(futures), 1):
             row = future.result()
@@ -225,21 +338,10 @@ def main() -> None:
             with log.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             print(
-                f"[{count}/{len(jobs)}] {row['variant']} seed {row['seed']} fold {row['fold']}: "
-                f"UF1 {row['fold_uf1']:.3f} ({row['train_seconds']:.0f} s)",
+                f"[{count}/{len(jobs)}] {row['variant']} {mode_of(row)} seed {row['seed']} fold {row['fold']}: "
+                f"UF1 {pooled([row['confusion']])['uf1']:.3f} ({row['train_seconds']:.0f} s)",
                 flush=True,
             )
-    wanted = {job_key(v, s, f, args) for v in variants for s in seeds for f in range(args.folds)}
-    rows = [row for key, row in done.items() if key in wanted]
-    table = summarise(rows, variants, seeds)
-    settings = {k: os.path.relpath(v) if isinstance(v, Path) else v for k, v in vars(args).items()}
-    args.out.write_text(json.dumps({"settings": settings, "summary": table, "runs": rows}, indent=2) + "\n")
-    print("| variant | pooled UF1 (mean ± SE over seeds) | UAR | seeds |")
-    print("|---|---|---|---|")
-    for row in table:
-        se = f" ± {row['uf1_se']:.3f}" if row["uf1_se"] is not None else ""
-        print(f"| {row['variant']} | {row['uf1_mean']:.3f}{se} | {row['uar_mean']:.3f} | {len(row['seeds'])} |")
-    print(f"wrote {args.out} and {log}")
 
 
 if __name__ == "__main__":
