@@ -90,8 +90,8 @@ class RunSettings:
 
     preset: str = "lite"
     ccc_graph: str = "positions"
-    batch_size: int = 8
-    local_epochs: int = 1
+    batch_size: int = 4  # twice the steps of 8 in the main job's few epochs (README "The main job's budget")
+    local_epochs: int = 2
     # The training recipe (README "A recipe that learns"; benchmarks/recipe.py measured each part)
     lr: float = 1e-3  # the schedule's peak
     lr_schedule: str = "cosine"  # or "constant"; over the whole run (client.schedule)
