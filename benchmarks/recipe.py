@@ -37,6 +37,8 @@ from typing import Any
 
 RESULTS = Path(__file__).parent / "results"
 SITES = ("casme2", "samm", "smic")
+BATCH_SIZE = 8
+"""Every job's batch: the budget all of these figures were measured with, whatever the run config's default."""
 
 VARIANTS: dict[str, dict[str, Any]] = {
     "recipe": {},
@@ -75,7 +77,7 @@ def run_settings(variant: str, rounds: int, local_epochs: int):
     changes = {key: value for key, value in VARIANTS[variant].items() if key != "shift"}
     if "weights" in changes:
         changes["weights"] = replace(LossWeights(), **changes["weights"])
-    return replace(RunSettings(), rounds=rounds, local_epochs=local_epochs, **changes)
+    return replace(RunSettings(), rounds=rounds, local_epochs=local_epochs, batch_size=BATCH_SIZE, **changes)
 
 
 def fold_data(data: Path, cache: Path, fold: int, folds: int, seed: int, augment):
@@ -131,15 +133,16 @@ def train_federated(model, train: list, settings, job: dict[str, Any]) -> list:
     set_au_prior(model, au_prior([part.samples for part in train]))
     global_arrays = ArrayRecord(torch_state_dict=model.state_dict())
     for server_round in range(1, job["rounds"] + 1):
-        replies = []
+        replies, outcomes = [], []
         for index, part in enumerate(train):
             model.load_state_dict(global_arrays.to_torch_state_dict())
-            outcome = train_local(model, part, 3, round_options(settings, job, server_round, index))
+            outcomes.append(train_local(model, part, 3, round_options(settings, job, server_round, index)))
             arrays = ArrayRecord(torch_state_dict=model.state_dict())
-            replies.append(RecordDict({"arrays": arrays, "metrics": MetricRecord({NUM_EXAMPLES: outcome.examples})}))
+            count = MetricRecord({NUM_EXAMPLES: outcomes[-1].examples})
+            replies.append(RecordDict({"arrays": arrays, "metrics": count}))
         global_arrays = aggregate_arrayrecords(replies, NUM_EXAMPLES)
     model.load_state_dict(global_arrays.to_torch_state_dict())
-    return [(model, outcome)] * len(train)
+    return [(model, outcome) for outcome in outcomes]
 
 
 def train_local_only(model, train: list, settings, job: dict[str, Any]) -> list:
