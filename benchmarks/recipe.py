@@ -97,15 +97,10 @@ def fold_data(data: Path, cache: Path, fold: int, folds: int, seed: int, augment
 
 
 def round_options(settings, job: dict[str, Any], server_round: int, site_index: int = 0):
-    """One round's local training, seeded as a federated site's round (seed + site index + round)."""
-    from server.strategies import decay_prior_weight
+    """One round's local training, seeded as a federated site's round (the job's seed + site index + round)."""
+    from server.baselines import round_training
 
-    return settings.local_training(
-        server_round,
-        job["seed"] + site_index + server_round,
-        "cpu",
-        prior_weight=decay_prior_weight(server_round, job["rounds"]),
-    )
+    return round_training(replace(settings, seed=job["seed"]), site_index, server_round, "cpu")
 
 
 def train_central(model, train: list, settings, job: dict[str, Any]) -> list:
@@ -120,29 +115,64 @@ def train_central(model, train: list, settings, job: dict[str, Any]) -> list:
     return [(model, outcome)] * len(train)
 
 
+class FoldSites:
+    """The grid a strategy sees in :func:`train_federated`: one node per site, answering train messages by
+    training on that site's fold in this process (the ClientApp's round options and seeds, FedProx's mu)."""
+
+    def __init__(self, model, train: list, settings, job: dict[str, Any]) -> None:
+        self.model, self.train, self.settings, self.job = model, train, settings, job
+        self.outcomes: dict[int, Any] = {}
+
+    def get_node_ids(self) -> list[int]:
+        return [index + 1 for index in range(len(self.train))]  # node id = site index + 1
+
+    def send_and_receive(self, messages, timeout=None) -> list:
+        from flwr.app import ArrayRecord, Message, MetricRecord, RecordDict
+
+        from client.protocol import ARRAYS, CONFIG, METRICS, NUM_EXAMPLES, PROXIMAL_MU, SERVER_ROUND, SITE_INDEX
+        from client.task import train_local
+
+        replies = []
+        for message in messages:
+            site, config = message.metadata.dst_node_id - 1, message.content[CONFIG]
+            server_round = int(config[SERVER_ROUND])
+            options = replace(
+                round_options(self.settings, self.job, server_round, site), mu=float(config.get(PROXIMAL_MU, 0.0))
+            )
+            self.model.load_state_dict(message.content[ARRAYS].to_torch_state_dict())
+            self.outcomes[site] = train_local(self.model, self.train[site], 3, options)
+            metrics = MetricRecord({SITE_INDEX: site, NUM_EXAMPLES: self.outcomes[site].examples})
+            arrays = ArrayRecord(torch_state_dict=self.model.state_dict())
+            replies.append(Message(RecordDict({ARRAYS: arrays, METRICS: metrics}), reply_to=message))
+        return replies
+
+
 def train_federated(model, train: list, settings, job: dict[str, Any]) -> list:
-    """FedAvg in one process: each round every site trains the global weights on its own fold, and the server
-    averages the replies weighted by their training clips with Flower's own FedAvg aggregation."""
-    from flwr.app import ArrayRecord, MetricRecord, RecordDict
-    from flwr.serverapp.strategy.strategy_utils import aggregate_arrayrecords
+    """A federation in one process: each round the project's strategy (``job["strategy"]``, built by
+    ``server.strategies.build_strategy`` from ``job["server"]``) configures the round, every site trains the
+    global weights on its own fold, and the strategy aggregates the replies."""
+    import logging
 
-    from client.protocol import NUM_EXAMPLES
-    from client.task import set_au_prior, train_local
+    from flwr.app import ArrayRecord, ConfigRecord
+    from flwr.supercore.task_identity import TaskIdentity
+
+    from client.protocol import SERVER_ROUND
+    from client.task import set_au_prior
     from server.baselines import au_prior
+    from server.strategies import build_strategy
 
+    TaskIdentity.run_id, TaskIdentity.node_id, TaskIdentity.task_id = 1, 0, 1  # a ServerApp's, from the SuperLink
+    logging.getLogger("flwr").setLevel(logging.WARNING)  # not "Sampled 3 nodes" each round
     set_au_prior(model, au_prior([part.samples for part in train]))
+    strategy = build_strategy(job["strategy"], len(train), {"min-sites": len(train), **job["server"]})
+    sites = FoldSites(model, train, settings, job)
     global_arrays = ArrayRecord(torch_state_dict=model.state_dict())
     for server_round in range(1, job["rounds"] + 1):
-        replies, outcomes = [], []
-        for index, part in enumerate(train):
-            model.load_state_dict(global_arrays.to_torch_state_dict())
-            outcomes.append(train_local(model, part, 3, round_options(settings, job, server_round, index)))
-            arrays = ArrayRecord(torch_state_dict=model.state_dict())
-            count = MetricRecord({NUM_EXAMPLES: outcomes[-1].examples})
-            replies.append(RecordDict({"arrays": arrays, "metrics": count}))
-        global_arrays = aggregate_arrayrecords(replies, NUM_EXAMPLES)
+        config = ConfigRecord({SERVER_ROUND: server_round})  # FedAvg sets it too; the sites read it
+        messages = strategy.configure_train(server_round, global_arrays, config, sites)
+        global_arrays, _ = strategy.aggregate_train(server_round, sites.send_and_receive(messages))
     model.load_state_dict(global_arrays.to_torch_state_dict())
-    return [(model, outcome) for outcome in outcomes]
+    return [(model, sites.outcomes[index]) for index in range(len(train))]
 
 
 def train_local_only(model, train: list, settings, job: dict[str, Any]) -> list:
@@ -188,6 +218,9 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     clips = [r.examples for r in results]
     return {
         **{k: job[k] for k in ("key", "variant", "mode", "seed", "fold")},
+        **({"federation": {"strategy": job["strategy"], "server": job["server"]}} if "strategy" in job else {}),
+        "rounds": job["rounds"],
+        "local_epochs": job["local_epochs"],
         "train_seconds": round(seconds, 1),
         "final_terms": [outcome.terms for _, outcome in trained],
         "confusion": np.sum([r.confusion for r in results], axis=0).tolist(),
@@ -199,12 +232,38 @@ def run_job(job: dict[str, Any]) -> dict[str, Any]:
     }
 
 
+def federation(mode: str, args: argparse.Namespace) -> dict[str, Any] | None:
+    """A federated job's strategy and its server settings (``--strategy``, ``--server``); None for other modes."""
+    return {"strategy": args.strategy, "server": server_settings(args.server)} if mode == "federated" else None
+
+
+def server_settings(text: str) -> dict[str, float]:
+    """``--server "server-lr=3,server-momentum=0"``: run-config keys of ``build_strategy``, as numbers."""
+    pairs = [item.split("=", 1) for item in text.split(",") if item.strip()]
+    try:
+        return {key.strip(): float(value) for key, value in pairs}
+    except ValueError as exc:
+        raise SystemExit(f"--server {text!r}: give comma-separated key=number pairs ({exc})") from exc
+
+
+def mode_label(row: dict[str, Any]) -> str:
+    """``central``, ``local``, ``federated`` (FedAvg) or e.g. ``federated fedavgm server-lr=3``."""
+    mode, plan = mode_of(row), row.get("federation")
+    if mode != "federated" or plan is None or plan == {"strategy": "fedavg", "server": {}}:
+        return mode
+    return " ".join([mode, plan["strategy"], *(f"{k}={v:g}" for k, v in sorted(plan["server"].items()))])
+
+
 def job_key(variant: str, mode: str, seed: int, fold: int, args: argparse.Namespace) -> str:
     """Identifies a finished job across restarts: the variant's settings, mode, seed, fold and the run's shape.
-    The central mode leaves itself out of the key, so that the jobs run before modes existed still count."""
+    The central mode leaves itself out of the key, and plain FedAvg its strategy, so that the jobs run before
+    modes (and strategies) existed still count."""
     settings = asdict(run_settings(variant, args.rounds, args.local_epochs))
     augment = asdict(augmentation(variant))
     shape = [seed, fold, args.folds, str(args.data), str(args.cache)] + ([] if mode == "central" else [mode])
+    plan = federation(mode, args)
+    if plan is not None and plan != {"strategy": "fedavg", "server": {}}:
+        shape.append(plan)
     text = json.dumps([settings, augment, *shape], sort_keys=True, default=str)
     return hashlib.sha1(text.encode()).hexdigest()[:16]
 
@@ -258,7 +317,7 @@ def summarise(rows: list[dict[str, Any]], variants: list[str], modes: list[str],
             table.append(
                 {
                     "variant": variant,
-                    "mode": mode,
+                    "mode": mode_label(next(r for r in rows if mode_of(r) == mode)),
                     "changes": VARIANTS[variant],
                     "seeds": per_seed,
                     "uf1_mean": uf1_mean,
@@ -282,7 +341,10 @@ def main() -> None:
     parser.add_argument("--variants", default=",".join(VARIANTS))
     parser.add_argument("--modes", default="central", help=f"comma-separated, of {', '.join(MODES)}")
     parser.add_argument("--seeds", default="0,1,2")
+    parser.add_argument("--strategy", default="fedavg", help="the federated mode's (server.strategies.STRATEGIES)")
+    parser.add_argument("--server", default="", help='its settings, e.g. "server-lr=3,server-momentum=0"')
     parser.add_argument("--folds", type=int, default=2)
+    parser.add_argument("--only-folds", default="", help="run these of the folds only (a quick look), e.g. 0")
     parser.add_argument("--rounds", type=int, default=10)
     parser.add_argument("--local-epochs", type=int, default=2)
     parser.add_argument("--data", type=Path, default=Path("data/synthetic"))
@@ -307,13 +369,17 @@ def main() -> None:
     if log.exists():
         done = {row["key"]: row for row in map(json.loads, log.read_text().splitlines()) if row}
     jobs, wanted = [], set()
-    for variant, mode, seed, fold in itertools.product(variants, modes, seeds, range(args.folds)):
+    folds = [int(f) for f in args.only_folds.split(",")] if args.only_folds else range(args.folds)
+    for variant, mode, seed, fold in itertools.product(variants, modes, seeds, folds):
         key = job_key(variant, mode, seed, fold, args)
         wanted.add(key)
         if key not in done and not args.only_done:
             shape = {"folds": args.folds, "rounds": args.rounds, "local_epochs": args.local_epochs}
             where = {"threads": args.threads, "data": str(args.data), "cache": str(args.cache)}
-            jobs.append({"key": key, "variant": variant, "mode": mode, "seed": seed, "fold": fold, **shape, **where})
+            plan = federation(mode, args) or {}
+            jobs.append(
+                {"key": key, "variant": variant, "mode": mode, "seed": seed, "fold": fold, **shape, **where, **plan}
+            )
     print(f"{len(jobs)} jobs to run ({len(done)} already done), {args.jobs} at a time", flush=True)
     run_jobs(jobs, args.jobs, done, log)
     rows = [row for key, row in done.items() if key in wanted]
@@ -341,7 +407,7 @@ def run_jobs(jobs: list[dict[str, Any]], workers: int, done: dict[str, dict[str,
             with log.open("a") as handle:
                 handle.write(json.dumps(row) + "\n")
             print(
-                f"[{count}/{len(jobs)}] {row['variant']} {mode_of(row)} seed {row['seed']} fold {row['fold']}: "
+                f"[{count}/{len(jobs)}] {row['variant']} {mode_label(row)} seed {row['seed']} fold {row['fold']}: "
                 f"UF1 {pooled([row['confusion']])['uf1']:.3f} ({row['train_seconds']:.0f} s)",
                 flush=True,
             )

@@ -83,7 +83,7 @@ from server.simulate import (
 )
 
 if TYPE_CHECKING:  # torch and the model stack load only when a run starts: `fedmer --help` stays fast
-    from client.site import SiteData, SiteSpec
+    from client.site import RunSettings, SiteData, SiteSpec
     from client.task import Evaluation, LocalTraining
     from models import F5CNet
     from partitions.dataset import ClipDataset
@@ -193,16 +193,16 @@ def au_prior(parts: Sequence[Sequence[Sample]]) -> list[float]:
     return cooccurrence_prior([au_cooccurrence(samples)[0].flatten().tolist() for samples in parts])
 
 
-def round_training(settings: ServerSettings, site_index: int, server_round: int, device: str) -> LocalTraining:
-    """One round's training, as a site's federated round with the run config's settings."""
+def round_training(run: RunSettings, site_index: int, server_round: int, device: str) -> LocalTraining:
+    """One round's training, as a site's federated round: seeded by the run's seed + site index + round, the AU
+    prior's weight decaying over the run's rounds as the server sends it."""
     from server.strategies import decay_prior_weight
 
-    run = settings.run
     return run.local_training(
         server_round,
         seed=run.seed + site_index + server_round,
         device=device,
-        prior_weight=decay_prior_weight(server_round, settings.rounds),
+        prior_weight=decay_prior_weight(server_round, run.rounds),
     )
 
 
@@ -259,7 +259,7 @@ def train_central(
     device = sites[0].spec.device
     run_settings = settings.run
     for server_round in range(1, settings.rounds + 1):
-        outcome = train_local(model, union, settings.classes, round_training(settings, 0, server_round, device))
+        outcome = train_local(model, union, settings.classes, round_training(settings.run, 0, server_round, device))
         metrics = train_metrics(None, outcome, bytes_sent=0)
         run.append_metrics(server_round, TRAIN, CENTRAL_SITE, metrics)
         confusions = []
@@ -294,7 +294,7 @@ def train_local_sites(
     for server_round in range(1, settings.rounds + 1):
         for index, (data, model) in enumerate(zip(sites, models, strict=True)):
             site, device = settings.site_name(index), data.spec.device
-            options = round_training(settings, index, server_round, device)
+            options = round_training(settings.run, index, server_round, device)
             outcome = train_local(model, data.train, settings.classes, options)
             metrics = train_metrics(index, outcome, bytes_sent=0)
             run.append_metrics(server_round, TRAIN, site, metrics)
@@ -401,7 +401,7 @@ def train_fold(
     set_au_prior(model, au_prior([part.samples for part in fold.train.parts]))
     trainer = CENTRAL_SITE if fold.trainer is None else settings.site_name(fold.trainer)
     for server_round in range(1, settings.rounds + 1):
-        options = round_training(settings, fold.trainer or 0, server_round, fold.device)  # central seeds as site 0
+        options = round_training(settings.run, fold.trainer or 0, server_round, fold.device)  # central seeds as site 0
         outcome = train_local(model, fold.train, settings.classes, options)
         metrics = {**train_metrics(fold.trainer, outcome, bytes_sent=0), FOLD: fold.name}
         run.append_metrics(server_round, TRAIN, trainer, metrics)
