@@ -2,7 +2,8 @@
 
 Which site a node is comes from its node config (deployment) or its partition id and the run config
 (simulation), see :mod:`client.site`. Parameters named by the run config's ``local-params`` never leave the
-site: they live in ``context.state`` between rounds, and replies carry only the shared ones.
+site: they live in the site's state files between rounds (:mod:`client.state`, with its privacy ledger, so a
+restarted SuperNode forgets neither), and replies carry only the shared ones.
 
 :func:`make_client_app` builds the app; ``app = make_client_app()`` is what ``flwr run`` loads
 (``[tool.flwr.app.components]``). Its handlers read ``{**context.run_config, **overrides}``: ``flwr run`` fills
@@ -36,6 +37,7 @@ from client.privacy import (
 )
 from client.privacy.central import central_clipping_mod
 from client.site import RunSettings, SiteData, SiteSpec, SplitSettings, load_data, privacy_settings
+from client.state import SiteState
 from client.task import (
     EpochCallback,
     LocalTraining,
@@ -53,11 +55,6 @@ from client.task import (
     train_metrics,
 )
 from models import F5CNet, ModelConfig, build_model
-
-LOCAL_ARRAYS = "local-arrays"
-"""``context.state`` key of this site's local parameters (absent until its first train round)."""
-PRIVACY_LEDGER = "privacy-ledger"
-"""``context.state`` key of this site's DP ledger (:class:`client.privacy.PrivacyLedger`): every release so far."""
 
 log = logging.getLogger("fedmer.client")
 
@@ -92,12 +89,18 @@ def _fresh_model(config: ModelConfig, seed: int, device: str) -> F5CNet:
     return model
 
 
-def _received_model(msg: Message, context: Context, settings: RunSettings, data: SiteData) -> F5CNet:
+def site_state(msg: Message, context: Context, spec: SiteSpec) -> SiteState:
+    """The site's state files of the message's run: the server's ``run-key``, else Flower's run id."""
+    run_key = str(_config(msg).get(p.RUN_KEY, "") or f"flower-run-{context.run_id}")
+    return SiteState(spec.state_folder, run_key, spec.index, spec.dataset)
+
+
+def _received_model(msg: Message, state: SiteState, settings: RunSettings, data: SiteData) -> F5CNet:
     """Fresh model <- the server's arrays <- this site's local arrays, with the server's AU prior if it sent one."""
     model = _fresh_model(settings.model_config(data.num_classes), settings.seed, data.spec.device)
     check_prefixes(model, settings.local_params)
     shared = msg.content.array_records[p.ARRAYS].to_torch_state_dict() if p.ARRAYS in msg.content else {}
-    local = context.state[LOCAL_ARRAYS].to_torch_state_dict() if LOCAL_ARRAYS in context.state else {}
+    local = state.load_local() if settings.local_params else {}
     load_arrays(model, shared, local)
     prior = _config(msg).get(p.COOCCURRENCE, [])
     if isinstance(prior, list) and prior:
@@ -142,14 +145,6 @@ def _epoch_logger(spec: SiteSpec, options: LocalTraining) -> EpochCallback:
     return log_epoch
 
 
-def _ledger(context: Context) -> PrivacyLedger:
-    return PrivacyLedger.from_record(context.state.get(PRIVACY_LEDGER, None))
-
-
-def _keep_ledger(context: Context, ledger: PrivacyLedger) -> None:
-    context.state[PRIVACY_LEDGER] = ConfigRecord(ledger.record())
-
-
 def _private_round(
     privacy: PrivacySettings, ledger: PrivacyLedger, settings: RunSettings, options: LocalTraining, data: SiteData
 ) -> PrivateRound:
@@ -179,30 +174,32 @@ def _exhausted_reply(msg: Message, spec: SiteSpec, ledger: PrivacyLedger, reason
 def train(msg: Message, context: Context) -> Message:
     """Local training from the received shared arrays; reply with the shared arrays and the round's metrics.
 
-    Under sample-level DP (``dp``) the site trains by DP-SGD, keeps its ledger in ``context.state`` and reports
-    its cumulative epsilon; once its ``dp-target-epsilon`` is spent it replies without arrays (see protocol)."""
+    Under sample-level DP (``dp``) the site trains by DP-SGD, enters the round in its ledger on disk before the
+    reply leaves (:mod:`client.state`) and reports its cumulative epsilon; once its ``dp-target-epsilon`` is spent
+    it replies without arrays (see protocol), after a restart too."""
     spec, settings, data = _site(context)
+    state = site_state(msg, context, spec)
     options = _training_options(_config(msg), settings, spec)
     privacy = privacy_settings(context.node_config, context.run_config)
     ledger, private = None, None
     if privacy.enabled:
         if options.balance_classes and options.server_round == 1:
             log.warning("%s: class-balance is off under DP (the weights would be a non-private count)", spec.label)
-        ledger = _ledger(context)
+        ledger = state.load_ledger()
         try:
             private = _private_round(privacy, ledger, settings, options, data)
         except BudgetExhausted as exhausted:
-            _keep_ledger(context, ledger)
+            state.save_ledger(ledger)
             return _exhausted_reply(msg, spec, ledger, str(exhausted))
-    model = _received_model(msg, context, settings, data)
+    model = _received_model(msg, state, settings, data)
     on_epoch = _epoch_logger(spec, options)
     outcome = train_local(model, data.train, data.num_classes, options, on_epoch=on_epoch, privacy=private)
     if ledger is not None:
         ledger.training = history_entries(outcome.privacy_history)
-        _keep_ledger(context, ledger)
+        state.save_ledger(ledger)
     shared, local = split_state(model.state_dict(), settings.local_params)
     if local:
-        context.state[LOCAL_ARRAYS] = ArrayRecord(torch_state_dict=local)
+        state.save_local(local)
     arrays = ArrayRecord(torch_state_dict=shared)
     metrics = train_metrics(spec.index, outcome, arrays.count_bytes(), privacy_metrics(ledger))
     return Message(RecordDict({p.ARRAYS: arrays, p.METRICS: MetricRecord(metrics)}), reply_to=msg)
@@ -212,7 +209,7 @@ def evaluate(msg: Message, context: Context) -> Message:
     """Score the received model (with this site's local parameters) on the site's held-out test subjects."""
     spec, settings, data = _site(context)
     server_round = int(_config(msg).get(p.SERVER_ROUND, 0))
-    model = _received_model(msg, context, settings, data)
+    model = _received_model(msg, site_state(msg, context, spec), settings, data)
     result = evaluate_local(
         model,
         data.test,
@@ -239,9 +236,10 @@ def query(msg: Message, context: Context) -> Message:
     privacy = privacy_settings(context.node_config, context.run_config)
     counts, samples = au_cooccurrence(data.train.samples, privacy, seed=_round_seed(settings, spec, 0))
     if privacy.enabled:
-        ledger = _ledger(context)
+        state = site_state(msg, context, spec)
+        ledger = state.load_ledger()
         ledger.queries.append(privacy.query_noise)
-        _keep_ledger(context, ledger)
+        state.save_ledger(ledger)
     values = {
         p.SITE_INDEX: spec.index,
         p.COUNTS: [int(v) for v in counts.flatten().round().tolist()],
@@ -259,8 +257,8 @@ Handler = Callable[[Message, Context], Message]
 def with_overrides(context: Context, overrides: Mapping[str, Any]) -> Context:
     """The node's context seen with ``{**context.run_config, **overrides}`` as its run config.
 
-    The copy shares ``node_config`` and, above all, ``state`` with the original, so what a handler keeps in
-    ``context.state`` (this site's local parameters) persists on the node as usual.
+    The copy shares ``node_config`` and ``state`` with the original (the handlers keep what must outlive a
+    message on disk, :mod:`client.state`).
     """
     if not overrides:
         return context

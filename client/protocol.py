@@ -3,6 +3,8 @@
 One place for the contract, so that ``client`` (which answers) and ``server`` (which asks; it imports this
 module, never the other way round) cannot drift apart.
 
+Every message's ``CONFIG`` (train, evaluate, query) carries ``RUN_KEY``: the run the site's state files
+(``client.state``: its privacy ledger, its local parameters) belong to; a resumed run keeps it.
 train (server -> site): ``ARRAYS`` the shared parameters; ``CONFIG`` with ``SERVER_ROUND``, ``LOCAL_EPOCHS``,
 ``LR``, ``PROXIMAL_MU`` (FedProx; 0 turns it off), ``PRIOR_WEIGHT`` (FED-PsyAU's r) and ``COOCCURRENCE``
 (the global AU co-occurrence prior, 144 floats row-major, empty to keep the published one).
@@ -32,6 +34,7 @@ LR = "lr"
 PROXIMAL_MU = "proximal-mu"  # the key Flower's FedProx strategy sends
 PRIOR_WEIGHT = "prior-weight"
 COOCCURRENCE = "cooccurrence"
+RUN_KEY = "run-key"  # in every message's config: the run a site's state file (client.state) belongs to
 
 NUM_EXAMPLES = "num-examples"  # Flower's default weighting key
 SITE_INDEX = "site-index"  # position of the site in the federation's site list: replies are sorted by it

@@ -278,6 +278,12 @@ class SiteSpec:
     labels: str = DEFAULT_LABELS
     subset: Path | None = None
     device: str = "cpu"
+    state: Path | None = None  # node config state-path; None: the default under the cache (client.state)
+
+    @property
+    def state_folder(self) -> Path:
+        """Where the site's privacy ledger and local parameters live between messages and restarts."""
+        return self.state or self.cache / "site-state" / f"site-{self.index}-{self.dataset}"
 
     @property
     def label(self) -> str:
@@ -316,6 +322,7 @@ class SiteSpec:
             labels=_text(node_config, "labels") or _text(run_config, "labels") or DEFAULT_LABELS,
             subset=_optional_path(_text(node_config, "subset") or _text(run_config, "subset")),
             device=resolve_device(_text(node_config, "device") or _text(run_config, "device")),
+            state=_optional_path(_text(node_config, "state-path")),
         )
 
     @classmethod

@@ -27,6 +27,7 @@ from __future__ import annotations
 
 import math
 import time
+import uuid
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
@@ -54,6 +55,7 @@ from client.protocol import (
     LR,
     PRIOR_WEIGHT,
     PROXIMAL_MU,
+    RUN_KEY,
     SERVER_ROUND,
     SITE_INDEX,
 )
@@ -112,6 +114,7 @@ DEFAULTS: dict[str, bool | int | float | str] = {
     "proximal-mu": 0.01,
     "round-timeout": 3600,
     "out": "",
+    "run-key": "",
 }
 """The run config's defaults; ``[tool.flwr.app.config]`` in pyproject.toml holds the same (a test checks)."""
 
@@ -161,6 +164,11 @@ class ServerSettings:
             return self.sites
         return tuple(f"{index}-{name}" for index, name in enumerate(self.sites))
 
+    @property
+    def run_key(self) -> str:
+        """What the sites' state files (privacy ledger, local parameters) of this run are named by."""
+        return str(self.config["run-key"])
+
     def site_name(self, index: int) -> str:
         return self.site_names[index] if 0 <= index < len(self.sites) else f"site-{index}"
 
@@ -207,6 +215,12 @@ def default_out() -> Path:
     return Path("runs") / datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
 
 
+def run_key(config: Mapping[str, Any]) -> str:
+    """The run config's ``run-key``, or a new random one: it names the sites' state files of this run (their
+    privacy ledgers, ``client.state``), so a resumed run passes the one its ``config.json`` recorded."""
+    return str(config.get("run-key", "")).strip() or uuid.uuid4().hex
+
+
 def resolve_settings(config: Mapping[str, Any]) -> ServerSettings:
     """``{**DEFAULTS, **config}`` checked: one DataError naming the key and the fix for anything wrong.
 
@@ -235,6 +249,7 @@ def resolve_settings(config: Mapping[str, Any]) -> ServerSettings:
         raise DataError(f"run config: {error}") from None
     out = Path(str(resolved["out"]).strip() or default_out())
     resolved.update({"strategy": strategy, "labels": labels, "sites": ",".join(sites), "out": str(out)})
+    resolved["run-key"] = run_key(resolved)
     return ServerSettings(rounds, strategy, sites, out, timeout, run, classes, resolved)
 
 
@@ -287,7 +302,7 @@ def query_sites(
     """
     messages = [
         Message(
-            RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: QUERY_ROUND})}),
+            RecordDict({CONFIG: ConfigRecord({SERVER_ROUND: QUERY_ROUND, RUN_KEY: settings.run_key})}),
             dst_node_id=node,
             message_type=MessageType.QUERY,
         )
@@ -373,7 +388,7 @@ class Progress:
 
 def train_config(settings: ServerSettings) -> ConfigRecord:
     """The fixed part of every train round's config (``strategy.round_config`` adds the per-round part)."""
-    config: dict[str, Any] = {LOCAL_EPOCHS: settings.run.local_epochs, LR: settings.run.lr}
+    config: dict[str, Any] = {LOCAL_EPOCHS: settings.run.local_epochs, LR: settings.run.lr, RUN_KEY: settings.run_key}
     if settings.strategy == "fedprox":
         config[PROXIMAL_MU] = float(settings.config["proximal-mu"])
     return ConfigRecord(config)
@@ -535,6 +550,7 @@ def run_federation(grid: Grid, config: Mapping[str, Any], console: Console) -> N
             num_rounds=settings.rounds,
             timeout=settings.round_timeout,
             train_config=train_config(settings),
+            evaluate_config=ConfigRecord({RUN_KEY: settings.run_key}),
             evaluate_fn=checkpoint,
         )
     except PrivacyBudgetExhausted as exhausted:  # central-dp-max-epsilon: the records up to here still count

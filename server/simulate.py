@@ -123,8 +123,9 @@ def simulation_config(
     options: Mapping[str, Any] | None = None,
 ) -> dict[str, Any]:
     """``DEFAULTS`` <- the config file <- the command-line ``options`` (None values: not given), with absolute
-    ``data-root``, ``cache-root`` and ``out`` (Ray workers need not share the caller's working directory)."""
-    from server.server_app import DEFAULTS, default_out
+    ``data-root``, ``cache-root`` and ``out`` (Ray workers need not share the caller's working directory), and
+    the run's ``run-key`` fixed here, so the ServerApp and ``config.json`` hold the one the sites are sent."""
+    from server.server_app import DEFAULTS, default_out, run_key
 
     config: dict[str, Any] = dict(DEFAULTS)
     if config_file is not None:
@@ -133,6 +134,7 @@ def simulation_config(
     config["data-root"] = str(data_root(data, scale).resolve())
     config["cache-root"] = str(cache.resolve())
     config["out"] = str(Path(str(config["out"]).strip() or default_out()).resolve())
+    config["run-key"] = run_key(config)
     return config
 
 

@@ -3,6 +3,7 @@ directly with hand-built Messages and Contexts, as a SuperNode would call them."
 
 from __future__ import annotations
 
+import itertools
 import logging
 import time
 from pathlib import Path
@@ -18,8 +19,9 @@ from torch.utils.data import Dataset
 import client.client_app as client_app
 import client.task as client_task
 from client import protocol as p
-from client.client_app import LOCAL_ARRAYS, evaluate, query, train
+from client.client_app import evaluate, query, site_state, train
 from client.site import RunSettings, SiteSpec, SplitSettings, load_data, num_classes
+from client.state import SiteState
 from client.task import TrainOutcome
 from models import build_model
 from partitions.action_units import AU_NODES
@@ -53,10 +55,11 @@ def initial(run_config: dict) -> ArrayRecord:
     return ArrayRecord(torch_state_dict=model.state_dict())
 
 
-def message(kind: str, arrays: ArrayRecord | None = None, **config: int | float | list[float]) -> Message:
+def message(kind: str, arrays: ArrayRecord | None = None, **config: int | float | str | list[float]) -> Message:
     """A server instruction as the SuperNode hands it to the app (config keys use protocol names)."""
     names = {key: key.replace("_", "-") for key in config}
-    assert set(names.values()) <= {p.SERVER_ROUND, p.LOCAL_EPOCHS, p.LR, p.PROXIMAL_MU, p.PRIOR_WEIGHT, p.COOCCURRENCE}
+    known = {p.SERVER_ROUND, p.LOCAL_EPOCHS, p.LR, p.PROXIMAL_MU, p.PRIOR_WEIGHT, p.COOCCURRENCE, p.RUN_KEY}
+    assert set(names.values()) <= known
     content = RecordDict({p.CONFIG: ConfigRecord({names[key]: value for key, value in config.items()})})
     if arrays is not None:
         content[p.ARRAYS] = arrays
@@ -74,10 +77,24 @@ def message(kind: str, arrays: ArrayRecord | None = None, **config: int | float 
     return Message(content=content, metadata=metadata)
 
 
-def context(run_config: dict, partition: int = 0, node_config: dict | None = None, **run: object) -> Context:
-    """A fresh node context: a simulated node (partition id) unless a node config is given."""
+RUN_IDS = itertools.count(1)
+"""Every fresh context is a run of its own: the sites' state files (client.state) are per run, and the tests
+share the tiny federation's cache."""
+
+
+def context(
+    run_config: dict, partition: int = 0, node_config: dict | None = None, run_id: int | None = None, **run: object
+) -> Context:
+    """A fresh node context: a simulated node (partition id) unless a node config is given; a new run unless
+    ``run_id`` names one (a SuperNode restarted within a run: empty ``state``, the same run)."""
     nodes = node_config if node_config is not None else {"partition-id": partition, "num-partitions": 2}
-    return Context(run_id=1, node_id=7, node_config=nodes, state=RecordDict(), run_config={**run_config, **run})
+    run_id = next(RUN_IDS) if run_id is None else run_id
+    return Context(run_id=run_id, node_id=7, node_config=nodes, state=RecordDict(), run_config={**run_config, **run})
+
+
+def state_of(node: Context) -> SiteState:
+    """The node's state files, as its handlers find them for a message without a server run key."""
+    return site_state(message("train"), node, SiteSpec.from_config(node.node_config, node.run_config))
 
 
 def only_metrics(reply: Message) -> dict:
@@ -124,7 +141,7 @@ def test_train_replies_shared_arrays_and_contract_metrics_and_keeps_local_params
     epoch_lines = [r for r in caplog.records if "epoch 1/1" in r.getMessage()]
     assert len(epoch_lines) == 1
 
-    stored = tensors(node.state[LOCAL_ARRAYS])
+    stored = state_of(node).load_local()
     assert stored and set(stored) == {k for k in sent if k.startswith("flow_head.")}
     assert any(not torch.equal(v, sent[k]) for k, v in stored.items())  # trained, not the sent values
 

@@ -13,11 +13,11 @@ import torch
 from conftest import TinySites
 from flwr.app import ArrayRecord, Context, Message
 from opacus.accountants.analysis.rdp import compute_rdp, get_privacy_spent
-from test_client_app import context, message, only_metrics, two_site_config
+from test_client_app import context, message, only_metrics, state_of, two_site_config
 
 from client import protocol as p
-from client.client_app import PRIVACY_LEDGER, evaluate, query, train
-from client.privacy import QUERY_CLIP, PrivacyLedger, default_delta, noised_cooccurrence
+from client.client_app import evaluate, query, train
+from client.privacy import QUERY_CLIP, default_delta, noised_cooccurrence
 from client.privacy.statistics import clip_contributions
 from client.site import RunSettings, SiteSpec, SplitSettings, load_data, num_classes, privacy_settings
 from models import build_model
@@ -74,7 +74,7 @@ def test_epsilon_after_each_round_equals_an_independent_rdp_computation(dp_confi
         assert metrics[p.DP_SAMPLE_RATE] == pytest.approx(1 / steps_per_epoch)
         epsilons.append(metrics[p.DP_EPSILON])
     assert epsilons[0] < epsilons[1] < epsilons[2]  # cumulative over the run, not one round's
-    ledger = PrivacyLedger.from_record(node.state[PRIVACY_LEDGER])
+    ledger = state_of(node).load_ledger()
     assert ledger.queries == [8.0] and ledger.steps == 3 * steps_per_epoch
 
 

@@ -2,8 +2,8 @@
 
 A site's epsilon must add up over every release it makes in a run, but the ClientApp is rebuilt for every
 message. Everything the RDP accountant needs is its history of (noise multiplier, sample rate, steps) runs,
-so a :class:`PrivacyLedger` holds that history as parallel lists of floats and ints, which a Flower
-ConfigRecord carries in ``context.state`` (this module imports no Flower). Two kinds of release are counted:
+so a :class:`PrivacyLedger` holds that history as parallel lists of floats and ints, which the site's state
+file keeps on disk between messages and restarts (:mod:`client.state`; this module imports no Flower). Two kinds of release are counted:
 
 - training: DP-SGD steps, each a subsampled Gaussian mechanism (Opacus's ``RDPAccountant`` history);
 - the AU-count query: one Gaussian mechanism on the whole training split (sample rate 1, one step) per query
@@ -135,14 +135,16 @@ class PrivacyLedger:
     delta: float | None = None
 
     @classmethod
-    def from_record(cls, record: Mapping[str, Any] | None) -> PrivacyLedger:
-        """The ledger kept in ``context.state`` (a fresh one for None)."""
-        if record is None:
-            return cls()
+    def from_record(cls, record: Mapping[str, Any]) -> PrivacyLedger:
+        """The ledger :meth:`record` wrote; ValueError when a key it always writes is missing, so a damaged
+        record can never read as a fresh ledger (which would let a site spend its budget again)."""
+        missing = [key for key in (*HISTORY_KEYS, QUERY_NOISE) if key not in record]
+        if missing:
+            raise ValueError(f"privacy ledger record lacks {', '.join(missing)}")
         noise, delta = record.get(NOISE_MULTIPLIER), record.get(DELTA)
         return cls(
             training=history_entries(record),
-            queries=[float(value) for value in record.get(QUERY_NOISE, [])],
+            queries=[float(value) for value in record[QUERY_NOISE]],
             noise_multiplier=None if noise is None else float(noise),
             delta=None if delta is None else float(delta),
         )
