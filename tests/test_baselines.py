@@ -145,7 +145,8 @@ def _check_records(run: Run, federation: Federation, mode: str) -> list[dict[str
     out = run.path
     config = json.loads((out / "config.json").read_text())
     expected = {**federation.config, "num-server-rounds": 1, "out": str(out), "strategy": mode, "mode": mode}
-    assert config == {**expected, "protocol": "holdout"}
+    assert config["run-key"] and config["run-key"] != federation.config["run-key"]  # a run of its own
+    assert config == {**expected, "protocol": "holdout", "run-key": config["run-key"]}
     assert config["sites"] == ",".join(SITES)
 
     records = load_metrics(out / "metrics.jsonl")
@@ -321,7 +322,9 @@ def _check_loso_records(run: Run, federation: Federation, clips: dict[str, list]
     """What both modes write: one fold per subject, its held-out clips predicted once, scores pooled over folds."""
     out = run.path
     expected = {**federation.config, "num-server-rounds": 1, "out": str(out), "strategy": mode, "mode": mode}
-    assert json.loads((out / "config.json").read_text()) == {**expected, "protocol": "loso"}
+    config = json.loads((out / "config.json").read_text())
+    assert config["run-key"] and config["run-key"] != federation.config["run-key"]  # a run of its own
+    assert config == {**expected, "protocol": "loso", "run-key": config["run-key"]}
 
     folds = [f"{site}/{subject}" for site in SITES for subject in sorted({s.subject for s in clips[site]})]
     assert len(folds) == 4

@@ -27,7 +27,7 @@ from sklearn.metrics import f1_score, recall_score
 from test_records import confusion
 from typer.testing import CliRunner
 
-from client.protocol import AU_COUNTS, COUNTS, SAMPLES, SITE_INDEX
+from client.protocol import AU_COUNTS, CONFIG, COUNTS, RUN_KEY, SAMPLES, SITE_INDEX
 from client.site import RunSettings, num_classes
 from models import build_model
 from server.cli import app
@@ -41,7 +41,14 @@ from server.records import (
     load_metrics,
     load_summary,
 )
-from server.server_app import DEFAULTS, collapse_warnings, pooled_scores, query_sites, resolve_settings
+from server.server_app import (
+    DEFAULTS,
+    collapse_warnings,
+    pooled_scores,
+    query_sites,
+    resolve_settings,
+    train_config,
+)
 from server.simulate import run_simulation, simulation_environment
 from server.strategies import build_strategy, cooccurrence_prior
 
@@ -284,6 +291,7 @@ class QueryGrid:
 
     def send_and_receive(self, messages: list[Message], *, timeout: float | None = None) -> list[Message]:
         self.timeouts.append(timeout)
+        self.run_keys = [message.content[CONFIG][RUN_KEY] for message in messages]
         replies = []
         for message in messages:
             answer = self.script[message.metadata.dst_node_id]
@@ -306,6 +314,7 @@ def test_the_query_round_maps_nodes_to_sites_and_records_failures(monkeypatch: p
     prior, node_sites = query_sites(grid, [11, 12, 13, 14], settings, strategy)
 
     assert node_sites == {11: 2, 14: 0} and grid.timeouts == [7.0]
+    assert grid.run_keys == [settings.run_key] * 4  # the sites' state files (privacy ledgers) are named by it
     assert prior == cooccurrence_prior([[1] * 144, [3] * 144])
     failed = {(f["phase"], f["node_id"]): f["reason"] for f in strategy.failures}
     assert set(failed) == {("query", 12), ("query", 13)}
@@ -314,6 +323,15 @@ def test_the_query_round_maps_nodes_to_sites_and_records_failures(monkeypatch: p
     strict = resolve_settings({"min-sites": 3, "out": "unused"})
     with pytest.raises(RuntimeError, match=r"only 2 of 4 nodes answered.*min-sites=3.*fedmer prepare"):
         query_sites(grid, [11, 12, 13, 14], strict, build_strategy("fedavg", 3, strict.config))
+
+
+def test_every_run_gets_its_own_run_key_unless_it_names_one() -> None:
+    first, second = resolve_settings({"out": "unused"}), resolve_settings({"out": "unused"})
+    assert first.run_key and second.run_key and first.run_key != second.run_key
+    assert first.config["run-key"] == first.run_key  # recorded in config.json
+    resumed = resolve_settings({"out": "unused", "run-key": first.run_key})
+    assert resumed.run_key == first.run_key
+    assert train_config(resumed)[RUN_KEY] == first.run_key
 
 
 def test_the_pyproject_run_config_holds_the_server_defaults() -> None:
