@@ -3,7 +3,8 @@
 A site's epsilon must add up over every release it makes in a run, but the ClientApp is rebuilt for every
 message. Everything the RDP accountant needs is its history of (noise multiplier, sample rate, steps) runs,
 so a :class:`PrivacyLedger` holds that history as parallel lists of floats and ints, which the site's state
-file keeps on disk between messages and restarts (:mod:`client.state`; this module imports no Flower). Two kinds of release are counted:
+file keeps on disk between messages and restarts (:mod:`client.state`; this module imports no Flower).
+Two kinds of release are counted:
 
 - training: DP-SGD steps, each a subsampled Gaussian mechanism (Opacus's ``RDPAccountant`` history);
 - the AU-count query: one Gaussian mechanism on the whole training split (sample rate 1, one step) per query
