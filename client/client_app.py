@@ -108,17 +108,12 @@ def _received_model(msg: Message, state: SiteState, settings: RunSettings, data:
     return model
 
 
-def _round_seed(settings: RunSettings, spec: SiteSpec, server_round: int) -> int:
-    """Seed of one site's round: seed + site index + server round."""
-    return settings.seed + spec.index + server_round
-
-
 def _training_options(config: ConfigRecord, settings: RunSettings, spec: SiteSpec) -> LocalTraining:
     """The round's training: the server's config where it says so, else the run config's defaults."""
     server_round = int(config.get(p.SERVER_ROUND, 1))
     return settings.local_training(
         server_round,
-        seed=_round_seed(settings, spec, server_round),
+        seed=settings.round_seed(spec.index, server_round),
         device=spec.device,
         epochs=int(config.get(p.LOCAL_EPOCHS, settings.local_epochs)),
         lr=float(config.get(p.LR, settings.lr)),
@@ -216,7 +211,7 @@ def evaluate(msg: Message, context: Context) -> Message:
         data.num_classes,
         settings.batch_size,
         spec.device,
-        seed=_round_seed(settings, spec, server_round),
+        seed=settings.round_seed(spec.index, server_round),
     )
     log.info(
         "%s round %d evaluate: uf1 %.3f uar %.3f on %d clips",
@@ -234,7 +229,7 @@ def query(msg: Message, context: Context) -> Message:
     leave the site); under DP noised, and the release entered in the site's ledger."""
     spec, settings, data = _site(context)
     privacy = privacy_settings(context.node_config, context.run_config)
-    counts, samples = au_cooccurrence(data.train.samples, privacy, seed=_round_seed(settings, spec, 0))
+    counts, samples = au_cooccurrence(data.train.samples, privacy, seed=settings.round_seed(spec.index, 0))
     if privacy.enabled:
         state = site_state(msg, context, spec)
         ledger = state.load_ledger()

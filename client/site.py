@@ -173,6 +173,11 @@ class RunSettings:
         except ValueError as error:
             raise DataError(f"run config preset/ccc-graph: {error}") from None
 
+    def round_seed(self, site_index: int, server_round: int) -> int:
+        """Seed of one site's round (training and evaluation): seed + site index + server round, so sites and
+        rounds draw apart and a baseline replays a federated site's draws."""
+        return self.seed + site_index + server_round
+
     def local_training(
         self,
         server_round: int,

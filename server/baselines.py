@@ -200,7 +200,7 @@ def round_training(run: RunSettings, site_index: int, server_round: int, device:
 
     return run.local_training(
         server_round,
-        seed=run.seed + site_index + server_round,
+        seed=run.round_seed(site_index, server_round),
         device=device,
         prior_weight=decay_prior_weight(server_round, run.rounds),
     )
@@ -264,7 +264,7 @@ def train_central(
         run.append_metrics(server_round, TRAIN, CENTRAL_SITE, metrics)
         confusions = []
         for index, data in enumerate(sites):
-            seed = run_settings.seed + index + server_round
+            seed = run_settings.round_seed(index, server_round)
             result = evaluate_local(model, data.test, settings.classes, run_settings.batch_size, device, seed=seed)
             evaluation = evaluate_metrics(index, result)
             run.append_metrics(server_round, EVALUATE, settings.site_name(index), evaluation)
@@ -299,7 +299,7 @@ def train_local_sites(
             metrics = train_metrics(index, outcome, bytes_sent=0)
             run.append_metrics(server_round, TRAIN, site, metrics)
             ledger.add(server_round, TRAIN, index, metrics)
-            seed = run_settings.seed + index + server_round
+            seed = run_settings.round_seed(index, server_round)
             result = evaluate_local(model, data.test, settings.classes, run_settings.batch_size, device, seed=seed)
             evaluation = evaluate_metrics(index, result)
             run.append_metrics(server_round, EVALUATE, site, evaluation)
@@ -410,7 +410,7 @@ def train_fold(
             f"loss {metrics['loss']:.4f}  {outcome.seconds:.1f}s",
             highlight=False,
         )
-    seed = settings.run.seed + fold.site_index + settings.rounds
+    seed = settings.run.round_seed(fold.site_index, settings.rounds)
     result = evaluate_local(model, fold.test, settings.classes, settings.run.batch_size, fold.device, seed=seed)
     evaluation = {**evaluate_metrics(fold.site_index, result), FOLD: fold.name}
     run.append_metrics(settings.rounds, EVALUATE, settings.site_name(fold.site_index), evaluation)

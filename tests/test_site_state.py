@@ -120,7 +120,7 @@ def test_the_server_run_key_names_the_ledger_so_a_resumed_run_keeps_it(dp_run: d
 # ----------------------------------------------------------------------------------------------- refusals
 
 
-def ledger_file(node: Context, dp_run: dict, initial: ArrayRecord):
+def ledger_file(node: Context, initial: ArrayRecord):
     """A site with one round trained: its ledger file."""
     query(message("query"), node)
     train_round(node, initial, 1)
@@ -145,7 +145,7 @@ def test_a_damaged_or_foreign_state_file_is_refused_and_left_as_it_was(
     dp_run: dict, initial: ArrayRecord, damage, refusal: str
 ) -> None:
     node = context(dp_run)
-    path = ledger_file(node, dp_run, initial)
+    path = ledger_file(node, initial)
     path.write_text(damage(path.read_text()))
     damaged = path.read_bytes()
     for handler in (lambda n: train_round(n, initial, 2), lambda n: query(message("query"), n)):
@@ -161,7 +161,7 @@ def test_a_write_that_fails_midway_leaves_the_previous_ledger(
     dp_run: dict, initial: ArrayRecord, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     node = context(dp_run)
-    path = ledger_file(node, dp_run, initial)
+    path = ledger_file(node, initial)
     before, steps = path.read_bytes(), state_of(node).load_ledger().steps
 
     def crash(source: object, target: object) -> None:
